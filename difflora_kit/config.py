@@ -1,0 +1,71 @@
+"""One typed configuration for training and sampling, shared by the CLI and the notebooks.
+
+    cfg = TrainConfig(rank=8, steps=120)      # notebooks
+    difflora train IMG --rank 8 --steps 120   # CLI: every field is a flag of the same name
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Where LoRA goes in a diffusers UNet. With attention only at low resolution (the toy model,
+# and the top level of SD), attention-only LoRA cannot draw a texture: the ResNet convolutions
+# must be adapted too (../shared/toy_experiment).
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one LoRA training run (step 1 or step 2: the same loop)."""
+
+    rank: int = 8
+    """LoRA rank r: A is (r, in), B is (out, r)."""
+    alpha: float = 8.0
+    """LoRA alpha: the update is (alpha / r) * B @ A."""
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    """Module-name suffixes of the denoiser that get a LoRA (peft `target_modules`)."""
+    steps: int = 150
+    """Optimizer steps."""
+    batch: int = 8
+    """Timesteps per step: copies of the one training image at stratified noise levels."""
+    lr: float = 3e-3
+    """AdamW learning rate of the LoRA parameters (constant after a short warmup)."""
+    seed: int = 0
+    """Seed of noise and timesteps: same seed, same LoRA (on the same machine)."""
+    eight_bit: bool = True
+    """Keep the denoiser's linear layers in 8-bit (bitsandbytes Linear8bitLt); False = full precision."""
+    preset_scale: float = 1.0
+    """Strength at which a preset LoRA (step 2) is fused into the base."""
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        for name in ("rank", "steps", "batch"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("alpha", "lr"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.targets:
+            raise ValueError("targets is empty: name at least one module suffix, e.g. to_q,conv1")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """Settings of sampling (DDIM with classifier-free guidance)."""
+
+    steps: int = 20
+    """DDIM steps (trailing spacing)."""
+    guidance: float = 2.0
+    """Classifier-free guidance scale (1 = off)."""
+    rescale: float = 0.7
+    """Guidance rescale (Lin et al. 2023); keeps colours right at guidance > 1 on v-prediction."""
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance!r}")

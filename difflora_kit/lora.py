@@ -1,0 +1,185 @@
+"""LoRA on the denoiser: attach with peft, save/load as diffusers-loadable safetensors, fuse.
+
+A LoRA adapts a frozen weight W (out, in) by a low-rank update (Hu et al. 2021):
+
+    W' = W + s * (alpha / r) * B @ A        A: (r, in)   B: (out, r)   B = 0 at init
+         (out, in)  (out, r) @ (r, in)
+
+For a convolution, A is itself a conv (r, in, kh, kw) and B a 1x1 conv (out, r, 1, 1): the
+update is (B.flatten(1) @ A.flatten(1)).view(out, in, kh, kw).
+
+Files: safetensors with diffusers' key names ("unet.<module>.lora_A.weight"), peft's config
+under "lora_adapter_metadata" (so `unet.load_lora_adapter(path, prefix="unet")` and
+`pipe.load_lora_weights(path)` rebuild the same rank and alpha), and the kit's own metadata
+(stage, base, rank, alpha, preset hash, image hashes, version) under "difflora.*" keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .files import atomic_file
+
+PREFIX = "unet"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA file does not fit the model it is applied to."""
+
+
+@dataclasses.dataclass
+class LoraFile:
+    """A LoRA in memory: diffusers-keyed tensors, the peft config dict, the kit's metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    config: dict
+    meta: dict
+
+    @property
+    def rank(self) -> int:
+        return int(self.config["r"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config["lora_alpha"])
+
+    def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module name: (A, B)} with the "unet." prefix removed."""
+        out = {}
+        for key, a in self.tensors.items():
+            if key.endswith(".lora_A.weight"):
+                name = key[len(PREFIX) + 1 : -len(".lora_A.weight")]
+                out[name] = (a, self.tensors[key.replace(".lora_A.", ".lora_B.")])
+        return out
+
+    def scaling(self, name: str) -> float:
+        """alpha / r for one module (peft's rank_pattern / alpha_pattern honoured)."""
+        r = self.config.get("rank_pattern", {}).get(name, self.rank)
+        alpha = self.config.get("alpha_pattern", {}).get(name, self.alpha)
+        return float(alpha) / float(r)
+
+    def digest(self) -> str:
+        return tensors_digest(self.tensors)
+
+
+def peft_config(rank: int, alpha: float, targets) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+
+
+def attach(unet: nn.Module, rank: int, alpha: float, targets, name: str = "difflora") -> list[nn.Parameter]:
+    """Add a trainable LoRA (B = 0) to the denoiser with peft; return its parameters."""
+    unet.requires_grad_(False)
+    unet.add_adapter(peft_config(rank, alpha, targets), adapter_name=name)
+    unet.set_adapter(name)
+    params = [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
+    if not params:
+        raise LoraMismatchError(f"no module of the denoiser matches targets {list(targets)}")
+    for p in params:
+        p.requires_grad_(True)
+        p.data = p.data.float()  # LoRA weights stay fp32 whatever the base's dtype
+    return params
+
+
+def adapter_state(unet: nn.Module, name: str = "difflora") -> tuple[dict[str, torch.Tensor], dict]:
+    """(diffusers-keyed fp32 tensors, peft config dict) of an attached adapter."""
+    sd = get_peft_model_state_dict(unet, adapter_name=name)
+    tensors = {f"{PREFIX}.{k}": v.detach().float().contiguous().clone() for k, v in sd.items()}
+    config = unet.peft_config[name].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    return tensors, json.loads(json.dumps(config, default=str))
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save(path: Path, lora: LoraFile) -> None:
+    """Write a LoRA file atomically (never a half-written file under the final name)."""
+    meta = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in lora.config.items()})}
+    meta.update({f"difflora.{k}": str(v) for k, v in {**lora.meta, "kit_version": __version__}.items()})
+    with atomic_file(Path(path)) as tmp:
+        save_file({k: v.contiguous() for k, v in lora.tensors.items()}, str(tmp), metadata=meta)
+
+
+def load(path: Path) -> LoraFile:
+    """Read a LoRA file (safetensors only: never a pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors LoRA files are read (pickled .pt/.bin files are never loaded)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    if DIFFUSERS_METADATA_KEY in header:
+        raw = json.loads(header[DIFFUSERS_METADATA_KEY])
+        config = {k[len(PREFIX) + 1 :]: v for k, v in raw.items() if k.startswith(f"{PREFIX}.")}
+    else:  # no config: rank from the shapes, alpha = rank (diffusers' convention)
+        ranks = [t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")]
+        if not ranks:
+            raise LoraMismatchError(f"{path} holds no LoRA tensors (no '*.lora_A.weight' keys)")
+        config = {"r": ranks[0], "lora_alpha": ranks[0]}
+    if not any(k.startswith(f"{PREFIX}.") for k in tensors):
+        raise LoraMismatchError(f"{path}: keys are not diffusers UNet LoRA keys (expected the '{PREFIX}.' prefix)")
+    meta = {k[len("difflora.") :]: v for k, v in header.items() if k.startswith("difflora.")}
+    return LoraFile(tensors, config, meta)
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * B @ A, for linear (A: (r, in), B: (out, r)) or conv (A: (r, in, kh, kw), B: (out, r, 1, 1))."""
+    delta = B.flatten(1).float() @ A.flatten(1).float()  # (out, r) @ (r, in*kh*kw) -> (out, in*kh*kw)
+    return scale * delta.view(B.shape[0], *A.shape[1:])
+
+
+def check_fits(unet: nn.Module, lora: LoraFile) -> dict[str, nn.Module]:
+    """{name: module} for every LoRA module; a clear error naming missing or mismatched keys."""
+    modules = dict(unet.named_modules())
+    missing = sorted(n for n in lora.modules() if n not in modules)
+    if missing:
+        preview = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise LoraMismatchError(
+            f"the LoRA was made for another base: {len(missing)} of its modules are not in this denoiser: "
+            f"{preview}. Use the base it was trained on (its metadata says base={lora.meta.get('base', '?')!r})."
+        )
+    wrong = []
+    for name, (A, B) in lora.modules().items():
+        w = modules[name].weight
+        if (B.shape[0], A.shape[1]) != (w.shape[0], w.shape[1]):
+            wrong.append(f"{name}: LoRA {B.shape[0]}x{A.shape[1]} vs weight {w.shape[0]}x{w.shape[1]}")
+    if wrong:
+        raise LoraMismatchError("the LoRA was made for another base; shapes differ: " + "; ".join(wrong[:5]))
+    return {n: modules[n] for n in lora.modules()}
+
+
+@torch.no_grad()
+def fuse_into(unet: nn.Module, lora: LoraFile, strength: float = 1.0) -> None:
+    """W += strength * (alpha/r) * B @ A in the full-precision weights, in place (before quantizing)."""
+    for name, module in check_fits(unet, lora).items():
+        A, B = lora.modules()[name]
+        if not torch.is_floating_point(module.weight) or module.weight.dtype == torch.int8:
+            raise TypeError(f"{name} is quantized: fuse the preset LoRA before quantize_linears()")
+        module.weight += delta_weight(A, B, strength * lora.scaling(name)).to(module.weight.dtype)
+
+
+def module_deltas(lora: LoraFile, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """{module name: strength * (alpha/r) * B @ A}: the exact weight change the LoRA makes."""
+    return {n: delta_weight(A, B, strength * lora.scaling(n)) for n, (A, B) in lora.modules().items()}

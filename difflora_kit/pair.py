@@ -1,0 +1,78 @@
+"""Step 1 and step 2 of differential LoRA, wired together.
+
+    step 1:  base(8-bit)                      + LoRA 1 (trained on image 1)  -> lora1
+    step 2:  [base + LoRA 1 fused](8-bit)     + LoRA 2 (trained on image 2)  -> lora2
+    use:     base(8-bit) + s * LoRA 2   (LoRA 1 dropped)
+
+The preset LoRA is fused into the full-precision weights, then the linears are quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from . import backends, lora, quant
+from .config import TrainConfig
+from .images import check_pair, image_digest
+from .train import TrainResult, train_lora
+
+
+def prepare_base(base: str | Path, cfg: TrainConfig, preset: lora.LoraFile | None = None):
+    """Load a fresh base, fuse the preset LoRA (if any) in full precision, then quantize (if 8-bit)."""
+    backend = backends.load_backend(base)
+    if preset is not None:
+        lora.fuse_into(backend.unet, preset, cfg.preset_scale)
+    if cfg.eight_bit:
+        quant.quantize_linears(backend.unet)
+    return backend
+
+
+def train_stage(image: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Path = "toy",
+                preset: lora.LoraFile | None = None, progress: bool = True) -> TrainResult:
+    """Train one LoRA: step 1 without a preset, step 2 with LoRA 1 as the preset."""
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty: give the caption of the image, e.g. --prompt 'a red circle on a blue background'")
+    backend = prepare_base(base, cfg, preset)
+    meta = {"stage": 2 if preset is not None else 1, "base": str(base), "base_digest": backends.base_digest(base),
+            "prompt": prompt, "image_digest": image_digest(image),
+            "preset_digest": preset.digest() if preset is not None else "", "preset_scale": cfg.preset_scale if preset else ""}
+    return train_lora(backend, image, prompt, cfg, meta, progress)
+
+
+@dataclasses.dataclass
+class PairResult:
+    step1: TrainResult
+    step2: TrainResult
+
+    @property
+    def lora1(self) -> lora.LoraFile:
+        return self.step1.lora
+
+    @property
+    def lora2(self) -> lora.LoraFile:
+        return self.step2.lora
+
+
+def train_pair(image1: np.ndarray, image2: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Path = "toy",
+               progress: bool = True) -> PairResult:
+    """Both steps for one pair; nothing is written (see `save_pair`)."""
+    check_pair(image1, image2)
+    step1 = train_stage(image1, prompt, cfg, base, None, progress)
+    step2 = train_stage(image2, prompt, cfg, base, step1.lora, progress)
+    step2.lora.meta["image1_digest"] = step1.lora.meta["image_digest"]
+    return PairResult(step1, step2)
+
+
+def save_pair(result: PairResult, out_dir: Path, force: bool = False) -> tuple[Path, Path]:
+    from .files import check_writable
+
+    out_dir = Path(out_dir)
+    paths = out_dir / "lora1.safetensors", out_dir / "lora2.safetensors"
+    for p in paths:
+        check_writable(p, force)
+    lora.save(paths[0], result.lora1)
+    lora.save(paths[1], result.lora2)
+    return paths

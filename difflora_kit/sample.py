@@ -1,0 +1,79 @@
+"""Sampling with a LoRA at many strengths in one batched pass.
+
+peft's LoRA layer computes  y = base(x) + scaling * B(A(x)).  A forward hook on every B module
+multiplies its output by a per-sample strength s_b, so one batch holds a whole sweep:
+
+    y_b = base(x_b) + s_b * scaling * B(A(x_b))          b = (prompt, seed, strength) flattened
+
+With classifier-free guidance the batch is [cond; uncond] (2N): the N strengths repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import numpy as np
+import torch
+from peft.tuners.lora import LoraLayer
+
+from .config import SampleConfig
+from .lora import PREFIX, LoraFile
+
+SWEEP_ADAPTER = "difflora_sweep"
+
+
+@contextlib.contextmanager
+def per_sample_strength(unet: torch.nn.Module, adapter: str, strengths: torch.Tensor):
+    """Within the block, the adapter's output for batch row b is multiplied by strengths[b % N]."""
+    strengths = strengths.float()
+
+    def hook(module, inputs, output):
+        n = output.shape[0]
+        s = strengths.repeat(n // strengths.shape[0]) if n != strengths.shape[0] else strengths  # (n,)
+        return output * s.to(output.dtype).view(n, *([1] * (output.ndim - 1)))
+
+    handles = [layer.lora_B[adapter].register_forward_hook(hook)
+               for layer in unet.modules() if isinstance(layer, LoraLayer) and adapter in layer.lora_B]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def lora_loaded(unet: torch.nn.Module, lora: LoraFile, adapter: str = SWEEP_ADAPTER):
+    """Load a kit LoRA with diffusers' own loader for the duration of the block."""
+    metadata = {f"{PREFIX}.{k}": v for k, v in lora.config.items()}
+    unet.load_lora_adapter(dict(lora.tensors), prefix=PREFIX, adapter_name=adapter, metadata=metadata)
+    unet.set_adapters([adapter], [1.0])
+    try:
+        yield adapter
+    finally:
+        unet.delete_adapters(adapter)
+
+
+def sweep(backend, lora: LoraFile | None, prompts: list[str], seeds: list[int], strengths: list[float],
+          cfg: SampleConfig = SampleConfig(), max_batch: int = 96) -> np.ndarray:
+    """Images for every (prompt, seed, strength): [P, S, K, H, W, 3] in [0, 1].
+
+    Strength s applies base + s * LoRA. The start noise depends only on the seed, so every
+    strength of a (prompt, seed) starts from the same noise. Batches of at most `max_batch`.
+    """
+    if not prompts or not seeds or not strengths:
+        raise ValueError("a sweep needs at least one prompt, one seed and one strength")
+    combos = list(itertools.product(range(len(prompts)), seeds, strengths))
+    images = []
+    with contextlib.ExitStack() as stack:
+        adapter = stack.enter_context(lora_loaded(backend.unet, lora)) if lora is not None else None
+        for start in range(0, len(combos), max_batch):
+            chunk = combos[start : start + max_batch]
+            with contextlib.ExitStack() as inner:
+                if adapter is not None:
+                    s = torch.tensor([c[2] for c in chunk])
+                    inner.enter_context(per_sample_strength(backend.unet, adapter, s))
+                images.append(backend.generate([prompts[p] for p, _, _ in chunk], [seed for _, seed, _ in chunk],
+                                               cfg.steps, cfg.guidance, cfg.rescale))
+    out = np.concatenate(images)  # (P*S*K, H, W, 3)
+    return out.reshape(len(prompts), len(seeds), len(strengths), *out.shape[1:])

@@ -1,0 +1,78 @@
+"""The training loop of step 1 and step 2 (they differ only by a preset LoRA fused into the base).
+
+One image x0 and its prompt; each step draws `batch` noise levels, stratified over the schedule
+so every step sees the whole range, and regresses the denoiser's output on the target:
+
+    t_b = floor((b + u_b) / batch * T)          b = 0..batch-1, u_b ~ U[0, 1)
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps ; loss = || D(x_t, t, c) - target ||^2
+
+Only the LoRA (A, B) trains; the base stays frozen (in 8-bit by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import diffusion, lora
+from .config import TrainConfig
+
+ADAPTER = "difflora"
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    lora: lora.LoraFile
+    losses: list[float]
+    seconds: float
+
+
+def stratified_timesteps(batch: int, num_train: int, generator: torch.Generator) -> torch.Tensor:
+    """One timestep in each of `batch` equal slices of [0, T): (batch,) int64."""
+    u = torch.rand(batch, generator=generator)
+    return ((torch.arange(batch) + u) / batch * num_train).long().clamp_max(num_train - 1)
+
+
+def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: dict | None = None,
+               progress: bool = True) -> TrainResult:
+    """Train a LoRA on one image [H, W, 3] in [0, 1]; the backend's denoiser gets (and keeps) the adapter."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # peft's A init
+    params = lora.attach(backend.unet, cfg.rank, cfg.alpha, cfg.targets, ADAPTER)
+    backend.unet.train()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    x0 = backend.encode_images(image[None]).expand(cfg.batch, -1, -1, -1)  # (B, C, H, W), cached once
+    states = backend.encode_prompts([prompt]).expand(cfg.batch, -1, -1)  # (B, T, D), cached once
+    scheduler = backend.scheduler
+    losses, started = [], time.time()
+    warmup = max(1, cfg.steps // 20)
+    for step in tqdm(range(cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})", disable=not progress):
+        noise = torch.randn(x0.shape, generator=generator)
+        t = stratified_timesteps(cfg.batch, scheduler.config.num_train_timesteps, generator)
+        x_t, target = diffusion.noisy_and_target(scheduler, x0, noise, t)
+        loss = torch.nn.functional.mse_loss(backend.denoiser(x_t, t, states).float(), target)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {step + 1}: stopped, nothing written. "
+                f"Lower the learning rate (now {cfg.lr}) or the alpha (now {cfg.alpha})."
+            )
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / warmup)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    backend.unet.eval()
+    tensors, config = lora.adapter_state(backend.unet, ADAPTER)
+    info = {"rank": cfg.rank, "alpha": cfg.alpha, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
+            "eight_bit": cfg.eight_bit, **(meta or {})}
+    return TrainResult(lora.LoraFile(tensors, config, info), losses, time.time() - started)
