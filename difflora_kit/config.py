@@ -24,11 +24,11 @@ class TrainConfig:
     """LoRA alpha: the update is (alpha / r) * B @ A."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """Module-name suffixes of the denoiser that get a LoRA (peft `target_modules`)."""
-    steps: int = 150
+    steps: int = 100
     """Optimizer steps."""
     batch: int = 8
     """Timesteps per step: copies of the one training image at stratified noise levels."""
-    lr: float = 3e-3
+    lr: float = 5e-3
     """AdamW learning rate of the LoRA parameters (constant after a short warmup)."""
     seed: int = 0
     """Seed of noise and timesteps: same seed, same LoRA (on the same machine)."""

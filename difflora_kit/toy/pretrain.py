@@ -71,12 +71,22 @@ def held_out_quality(backend: ToyBackend, per_caption: int = 2, seed: int = 0) -
     }
 
 
-def pretrain(out: Path, steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0, eval_every: int = 500) -> dict:
+def pretrain(out: Path, steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0, eval_every: int = 500,
+             init: Path | None = None) -> dict:
+    """Pretrain from scratch, or continue from the weights of a saved toy model (`init`)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    tokenizer = model.build_tokenizer()
-    text_encoder = model.build_text_encoder(len(tokenizer))
-    unet = model.build_unet()
+    if init is not None:
+        start = ToyBackend.load(init)
+        tokenizer, text_encoder, unet = start.tokenizer, start.text_encoder.requires_grad_(True), start.unet
+        history_before = start.info.get("pretraining", {}).get("steps", 0)
+    else:
+        tokenizer = model.build_tokenizer()
+        text_encoder = model.build_text_encoder(len(tokenizer))
+        unet = model.build_unet()
+        history_before = 0
+    unet.train()
+    text_encoder.train()
     scheduler = model.training_scheduler()
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -106,7 +116,7 @@ def pretrain(out: Path, steps: int, batch: int = 32, lr: float = 1e-3, seed: int
             record = {"step": step + 1, "minutes": (time.time() - started) / 60,
                       "loss_recent": float(np.mean(history[-100:])), **quality}
             print(json.dumps(record), flush=True)
-            backend.save(out, extra={"pretraining": {"steps": step + 1, "batch": batch, "lr": lr, "seed": seed,
+            backend.save(out, extra={"pretraining": {"steps": history_before + step + 1, "batch": batch, "lr": lr, "seed": seed,
                                                      "minutes": record["minutes"], "held_out_quality": quality}})
     return record
 
@@ -119,8 +129,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this saved toy model")
     args = parser.parse_args()
-    pretrain(args.out, args.steps, args.batch, args.lr, args.seed, args.eval_every)
+    pretrain(args.out, args.steps, args.batch, args.lr, args.seed, args.eval_every, args.init)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""Kit LoRA files: safetensors in diffusers key names, loadable by diffusers' own loader."""
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+
+from difflora_kit import backends, diffusion, lora, sample
+from difflora_kit.config import SampleConfig, TrainConfig
+from difflora_kit.pair import prepare_base
+from difflora_kit.toy import model
+
+
+def test_file_round_trip_keeps_tensors_config_and_metadata(tiny_pair_loras, tmp_path):
+    result, row, cfg = tiny_pair_loras
+    path = tmp_path / "lora2.safetensors"
+    lora.save(path, result.lora2)
+    back = lora.load(path)
+    assert back.tensors.keys() == result.lora2.tensors.keys()
+    assert all(torch.equal(back.tensors[k], result.lora2.tensors[k]) for k in back.tensors)
+    assert back.rank == cfg.rank and back.alpha == cfg.alpha
+    assert back.meta["stage"] == "2" and back.meta["preset_digest"] == result.lora1.digest()
+    assert back.meta["kit_version"] and back.meta["image_digest"] and back.meta["base_digest"]
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in back.tensors)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_diffusers_loader_reproduces_the_kits_output(tiny_pair_loras, tmp_path):
+    result, row, cfg = tiny_pair_loras
+    path = tmp_path / "lora1.safetensors"
+    lora.save(path, result.lora1)
+    folder = backends.resolve("toy")
+
+    # diffusers, on its own: the plain model + load_lora_adapter from the file
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    unet.load_lora_adapter(str(path), prefix="unet", adapter_name="kit")
+
+    # the kit: full-precision base with the LoRA fused in (W + alpha/r B A), and the kit's sweep
+    fused = prepare_base("toy", TrainConfig(eight_bit=False))
+    lora.fuse_into(fused.unet, result.lora1)
+
+    states = fused.encode_prompts([row["prompt"]])
+    x = diffusion.start_noise([3], fused.latent_shape)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        ours = fused.denoiser(x, t, states)
+        theirs = unet(x, t, states).sample
+        plain = UNet2DConditionModel.from_pretrained(folder / "unet").eval()(x, t, states).sample
+    assert (ours - plain).abs().max() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-4)
+
+    full = prepare_base("toy", TrainConfig(eight_bit=False))
+    kit_images = sample.sweep(full, result.lora1, [row["prompt"]], [0], [1.0], SampleConfig(steps=6))[0, 0, 0]
+    fused_images = fused.generate([row["prompt"]], [0], steps=6)[0]
+    np.testing.assert_allclose(kit_images, fused_images, atol=2e-4)
+
+
+def test_preset_for_another_base_names_the_missing_keys(tiny_pair_loras):
+    result, _, _ = tiny_pair_loras
+    tensors = {k.replace("down_blocks.0", "down_blocks.7"): v for k, v in result.lora1.tensors.items()}
+    alien = lora.LoraFile(tensors, result.lora1.config, {"base": "some-other-model"})
+    base = prepare_base("toy", TrainConfig(eight_bit=False))
+    try:
+        lora.fuse_into(base.unet, alien)
+    except lora.LoraMismatchError as e:
+        assert "down_blocks.7" in str(e) and "some-other-model" in str(e)
+    else:
+        raise AssertionError("a LoRA for another base was fused without complaint")
+
+
+def test_delta_weight_matches_peft_merge_on_a_conv_and_a_linear():
+    torch.manual_seed(0)
+    unet = model.build_unet()
+    lora.attach(unet, rank=4, alpha=8, targets=("conv1", "to_q"), name="t")
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    tensors, config = lora.adapter_state(unet, "t")
+    lf = lora.LoraFile(tensors, config, {})
+    expected = {n: d for n, d in lora.module_deltas(lf).items()}
+    before = {n: m.base_layer.weight.detach().clone() for n, m in unet.named_modules() if n in expected}
+    from peft.tuners.lora import LoraLayer
+
+    for n, m in unet.named_modules():
+        if isinstance(m, LoraLayer) and n in expected:
+            m.merge(adapter_names=["t"])
+            torch.testing.assert_close(m.base_layer.weight - before[n], expected[n], atol=1e-6, rtol=1e-5)

@@ -1,0 +1,52 @@
+"""The 8-bit base: real bitsandbytes Linear8bitLt layers, 0.25x the fp32 bytes, frozen in training."""
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from difflora_kit import lora, quant
+from difflora_kit.config import TrainConfig
+from difflora_kit.pair import prepare_base
+
+
+def test_every_linear_becomes_int8_at_a_quarter_of_its_bytes():
+    fp = prepare_base("toy", TrainConfig(eight_bit=False)).unet
+    linears = {n: m for n, m in fp.named_modules() if type(m) is nn.Linear}
+    fp32_bytes = sum(m.weight.numel() * 4 for m in linears.values())
+    rows = sum(m.out_features for m in linears.values())
+    q = prepare_base("toy", TrainConfig(eight_bit=True)).unet
+    assert not [n for n, m in q.named_modules() if type(m) is nn.Linear]
+    assert all(isinstance(dict(q.named_modules())[n], bnb.nn.Linear8bitLt) for n in linears)
+    assert quant.weight_bytes(q)["int8_linear"] == fp32_bytes // 4 + 4 * rows
+    for n, m in linears.items():
+        w8 = quant.dequantized_weight(dict(q.named_modules())[n])
+        err = (w8 - m.weight).norm() / m.weight.norm()
+        assert err < 0.02, (n, float(err))
+
+
+def test_quantized_weight_equals_bitsandbytes_quantizer_of_the_fused_weight(tiny_pair_loras):
+    result, _, _ = tiny_pair_loras
+    fp = prepare_base("toy", TrainConfig(eight_bit=False)).unet
+    lora.fuse_into(fp, result.lora1)
+    q = prepare_base("toy", TrainConfig(eight_bit=True), preset=result.lora1).unet
+    name = next(n for n in result.lora1.modules() if n.endswith("to_q"))
+    CB, SCB = quant.int8_state(dict(q.named_modules())[name])
+    # Int8Params quantizes the fp16 cast of the weight (bitsandbytes' own choice)
+    CB_ref, SCB_ref, _ = bnb.functional.int8_vectorwise_quant(dict(fp.named_modules())[name].weight.data.half())
+    assert (CB.int() - CB_ref.int()).abs().max() <= 1
+    torch.testing.assert_close(SCB, SCB_ref)
+
+
+def test_training_leaves_the_int8_base_untouched_and_moves_the_lora(tiny_pair_loras):
+    result, row, _ = tiny_pair_loras
+    # the fixture trained on an 8-bit base: its LoRA B matrices moved away from their zero init
+    assert all(float(B.abs().max()) > 0 for _, B in result.lora1.modules().values())
+    from difflora_kit.images import load_image
+    from difflora_kit.train import train_lora
+
+    backend = prepare_base("toy", TrainConfig())
+    layer = next(m for m in backend.unet.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+    before = [t.clone() for t in quant.int8_state(layer)]
+    train_lora(backend, load_image(row["image1"]), row["prompt"], TrainConfig(steps=3), progress=False)
+    after = quant.int8_state(layer)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
