@@ -56,16 +56,16 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             parser.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
 
 
-def _dataclass_from(args, cls):
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+def _given_flags(args, cls) -> dict:
+    """The dataclass fields the user set on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def _train_cfg(args, start: TrainConfig | None = None) -> TrainConfig:
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(start or TrainConfig(), **_given_flags(args, TrainConfig))
     except ValueError as e:
         raise UserError(str(e))
-
-
-def _train_cfg(args) -> TrainConfig:
-    return _dataclass_from(args, TrainConfig)
 
 
 def _sample_cfg(args) -> SampleConfig:
@@ -152,7 +152,10 @@ def cmd_sample(args) -> None:
 def cmd_evaluate(args) -> None:
     from .demo import run
 
-    run(args.out, pairs=args.pairs, axis=args.axis, n_average=args.n_average, cfg=_train_cfg(args),
+    from .demo import quick_configs
+
+    cfg = _train_cfg(args, quick_configs()[0] if args.quick else None)
+    run(args.out, pairs=args.pairs, axis=args.axis, n_average=args.n_average, cfg=cfg,
         quick=args.quick, force=args.force, base=args.base)
 
 

@@ -56,7 +56,7 @@ def ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> Non
         e.lerp_(p, 1 - decay)
 
 
-def held_out_quality(backend: ToyBackend, per_caption: int = 2, seed: int = 0) -> dict:
+def held_out_quality(backend: ToyBackend, per_caption: int = 4, seed: int = 0) -> dict:
     """Share of held-out samples whose shape and both colours the judge reads as prompted."""
     scenes = [world.Scene(*c) for c in world.held_out_captions() for _ in range(per_caption)]
     images = backend.generate([s.caption for s in scenes], seeds=list(range(seed, seed + len(scenes))))
