@@ -257,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1):  # "--scales -1,0,1": a value that starts with "-" is not an option here
+        if argv[i] in ("--scales", "--seeds") and argv[i + 1].startswith("-"):
+            argv[i : i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
+    args = build_parser().parse_args([a for a in argv if a != ""])
     from .files import OutputExistsError
     from .images import ImageInputError
     from .lora import LoraMismatchError

@@ -33,7 +33,7 @@ DEFAULT_PAIRS = DATA_SAMPLES / "pairs" / "metadata.jsonl"
 
 def quick_configs() -> tuple[TrainConfig, EvalConfig]:
     """Short schedules for smoke runs and tests: same code path, fewer steps and seeds."""
-    return TrainConfig(steps=60), EvalConfig(seeds=4, prompts=3, sweep_seeds=2, strengths=(-1.0, 0.0, 1.0, 2.0),
+    return TrainConfig(steps=60), EvalConfig(seeds=4, prompts=4, sweep_seeds=3, strengths=(-1.0, 0.0, 1.0, 2.0),
                                              sample=SampleConfig(steps=12))
 
 

@@ -88,7 +88,8 @@ def spread_at(effect: dict, strength: float = 1.0) -> dict:
     """Mean, std and relative spread (std / |mean|) of the effect at one strength."""
     k = effect["strengths"].index(strength)
     mean, std = effect["effect_mean"][k], effect["effect_std"][k]
-    return {"mean": mean, "std": std, "relative": std / max(abs(mean), 1e-6)}
+    return {"mean": mean, "std": std, "relative": std / max(abs(mean), 1e-6),
+            "score_mean": effect["score_mean"][k], "score_std": effect["score_std"][k]}
 
 
 def measure_claims(pair, image1: np.ndarray, image2: np.ndarray, prompt: str, axis: str, train_cfg: TrainConfig,
@@ -145,9 +146,10 @@ def claims_table(claims: dict) -> str:
          f"content kept at s=1: {c3['content_kept'][k1]:.0%}, content right: {c3['content_right'][k1]:.0%} "
          f"(s=0: {c3['content_right'][s.index(0.0)]:.0%}); s={min(s):g}: score {c3['score_mean'][kn]:.2f}, kept {c3['content_kept'][kn]:.0%}"),
         (f"4. average of {c4['n']} LoRA 2s: effect at s=1 (std across prompts x seeds)",
-         f"{c4['average']['mean']:.2f} +- {c4['average']['std']:.2f} (relative {c4['average']['relative']:.2f})",
+         f"{c4['average']['mean']:.2f} +- {c4['average']['std']:.2f} (relative {c4['average']['relative']:.2f}); "
+         f"score at s=1: {c4['average']['score_mean']:.2f} +- {c4['average']['score_std']:.2f}",
          f"single pairs: +- {singles_std:.2f} (relative {singles_rel:.2f}); each: "
-         + ", ".join(f"{x['mean']:.2f}+-{x['std']:.2f}" for x in c4["singles"])),
+         + ", ".join(f"{x['mean']:.2f}+-{x['std']:.2f} (score {x['score_mean']:.2f}+-{x['score_std']:.2f})" for x in c4["singles"])),
         ("5. control (LoRA on image 2 alone): content kept by s",
          ", ".join(f"{x:.0%}" for x in c5["content_kept"]),
          "LoRA 2: " + ", ".join(f"{x:.0%}" for x in c3["content_kept"])),
