@@ -29,15 +29,27 @@ def family(base: str | Path = "toy") -> str:
     return index.get("family") or index.get("_class_name", "unknown")
 
 
+def check_supported(base: str | Path = "toy") -> str:
+    """The family of `base`, or a clear error when this version has no backend for it."""
+    kind = family(base)
+    if kind != FAMILY:
+        raise NotImplementedError(
+            f"--base {base}: model family {kind!r} has no backend in this version of difflora-kit "
+            f"(available: the toy model). Real Stable Diffusion backends are planned."
+        )
+    return kind
+
+
+def sample_size(base: str | Path = "toy") -> int:
+    """The image size the base draws (pixels): training images must have it (or be resized)."""
+    check_supported(base)
+    return json.loads((resolve(base) / "unet" / "config.json").read_text())["sample_size"]
+
+
 def load_backend(base: str | Path = "toy"):
     """A fresh, full-precision backend for `base` (each call reloads: training modifies the denoiser)."""
-    kind = family(base)
-    if kind == FAMILY:
-        return ToyBackend.load(resolve(base))
-    raise NotImplementedError(
-        f"--base {base}: model family {kind!r} has no backend in this version of difflora-kit "
-        f"(available: the toy model). Real Stable Diffusion backends are planned."
-    )
+    check_supported(base)
+    return ToyBackend.load(resolve(base))
 
 
 def base_digest(base: str | Path = "toy") -> str:

@@ -82,7 +82,7 @@ def _add_sample_flags(p):
 def _model_size(base) -> int:
     from . import backends
 
-    return json.loads((backends.resolve(base) / "unet" / "config.json").read_text())["sample_size"]
+    return backends.sample_size(base)
 
 
 def cmd_train(args) -> None:

@@ -26,6 +26,7 @@ from .files import atomic_directory, check_writable
 from .images import load_image
 from .pair import train_pair, train_stage
 from .toy.backend import DATA_SAMPLES
+from .toy import world
 from .toy.pairs import read_pairs
 
 DEFAULT_PAIRS = DATA_SAMPLES / "pairs" / "metadata.jsonl"
@@ -40,6 +41,8 @@ def quick_configs() -> tuple[TrainConfig, EvalConfig]:
 def run_claims(pairs: Path | None = None, axis: str = "detail", n_average: int = 3, cfg: TrainConfig | None = None,
                eval_cfg: EvalConfig | None = None, base="toy", progress: bool = True) -> dict:
     """Train everything the claims need and measure them; returns LoRAs, losses, timings, claims."""
+    if axis not in world.AXES:
+        raise ValueError(f"unknown style axis {axis!r}: the judge scores {', '.join(world.AXES)}")
     rows = [r for r in read_pairs(pairs or DEFAULT_PAIRS) if r.get("axis", axis) == axis]
     if len(rows) < n_average:
         raise ValueError(f"{len(rows)} pairs on axis {axis!r}, {n_average} needed for the average")

@@ -26,3 +26,25 @@ def test_train_step1_step2_then_sample_a_sweep(capsys, tmp_path):
     assert all(Image.open(images / e["file"]).size == (32, 32) for e in index)
     assert Image.open(grid).size[0] > 100
     assert cli.main(["sample", "--lora", str(l2), "--prompt", "x", "--out", str(grid)]) == 2  # exists, no --force
+
+
+def test_demo_and_evaluate_refuse_an_existing_output_and_bad_settings(capsys, tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "claims.md").write_text("earlier results")
+    assert cli.main(["demo", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "claims.md").read_text() == "earlier results"
+    assert cli.main(["evaluate", "--out", str(tmp_path / "e"), "--rank", "0"]) == 2
+    assert "rank must be a positive integer" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    assert cli.main(["evaluate", "--out", str(tmp_path / "e"), "--axis", "shiny", "--steps", "1"]) == 2
+    assert "axis" in capsys.readouterr().err
+
+
+def test_unknown_base_family_is_a_clear_error(capsys, tmp_path):
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    row = read_pairs(DEFAULT_PAIRS)[0]
+    assert cli.main(["train", row["image1"], "--prompt", row["prompt"], "--out", str(tmp_path / "l.safetensors"),
+                     "--base", str(folder)]) == 2
+    assert "StableDiffusionPipeline" in capsys.readouterr().err
