@@ -115,8 +115,6 @@ def cmd_pair(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    import numpy as np
-
     from . import lora, pair, plots, sample
     from .files import atomic_directory, check_writable
     from .images import save_png
@@ -146,7 +144,6 @@ def cmd_sample(args) -> None:
                         index.append({"file": name, "prompt": prompts[p], "seed": seed, "scale": scale})
             (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     print(f"wrote {args.out}" + (f" and {len(args.seeds) * P * K} images in {args.images}" if args.images else ""))
-    del np
 
 
 def cmd_evaluate(args) -> None:
