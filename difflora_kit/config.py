@@ -35,7 +35,9 @@ class TrainConfig:
     eight_bit: bool = True
     """Keep the denoiser's linear layers in 8-bit (bitsandbytes Linear8bitLt); False = full precision."""
     preset_scale: float = 1.0
-    """Strength at which a preset LoRA (step 2) is fused into the base."""
+    """Strength at which a preset LoRA (step 2) is applied to the base."""
+    preset_mode: str = "fuse"
+    """How the preset LoRA enters the base in step 2: fuse | requant | adapter (difflora_kit.preset)."""
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -45,6 +47,9 @@ class TrainConfig:
         for name in ("alpha", "lr"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        from .preset import check_mode
+
+        check_mode(self.preset_mode, self.eight_bit)
         if not self.targets:
             raise ValueError("targets is empty: name at least one module suffix, e.g. to_q,conv1")
 

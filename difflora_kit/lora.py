@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,9 +81,13 @@ def peft_config(rank: int, alpha: float, targets) -> LoraConfig:
 
 def attach(unet: nn.Module, rank: int, alpha: float, targets, name: str = "difflora") -> list[nn.Parameter]:
     """Add a trainable LoRA (B = 0) to the denoiser with peft; return its parameters."""
-    unet.requires_grad_(False)
-    unet.add_adapter(peft_config(rank, alpha, targets), adapter_name=name)
-    unet.set_adapter(name)
+    from .preset import active_presets  # a frozen preset adapter (step 2, preset_mode="adapter") stays on
+
+    with warnings.catch_warnings():  # "multiple adapters": intended when a frozen preset adapter is there
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        unet.add_adapter(peft_config(rank, alpha, targets), adapter_name=name)
+    unet.set_adapters(active_presets(unet) + [name])
+    unet.requires_grad_(False)  # after set_adapters: peft marks every active adapter trainable
     params = [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
     if not params:
         raise LoraMismatchError(f"no module of the denoiser matches targets {list(targets)}")

@@ -4,7 +4,7 @@
     step 2:  [base + LoRA 1 fused](8-bit)     + LoRA 2 (trained on image 2)  -> lora2
     use:     base(8-bit) + s * LoRA 2   (LoRA 1 dropped)
 
-The preset LoRA is fused into the full-precision weights, then the linears are quantized.
+The preset LoRA is fused while quantizing by default; difflora_kit.preset has the other two ways.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import numpy as np
 from . import backends, lora, quant
 from .config import TrainConfig
 from .images import check_pair, image_digest
+from .preset import apply_preset
 from .train import TrainResult, train_lora
 
 
 def prepare_base(base: str | Path, cfg: TrainConfig, preset: lora.LoraFile | None = None):
-    """Load a fresh base, fuse the preset LoRA (if any) in full precision, then quantize (if 8-bit)."""
+    """Load a fresh base; apply the preset LoRA (if any) the way cfg.preset_mode says; 8-bit linears if cfg.eight_bit."""
     backend = backends.load_backend(base)
     if preset is not None:
-        lora.fuse_into(backend.unet, preset, cfg.preset_scale)
-    if cfg.eight_bit:
+        apply_preset(backend.unet, preset, cfg.preset_scale, cfg.preset_mode, cfg.eight_bit)
+    elif cfg.eight_bit:
         quant.quantize_linears(backend.unet)
     return backend
 
@@ -38,7 +39,8 @@ def train_stage(image: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Pa
     backend = prepare_base(base, cfg, preset)
     meta = {"stage": 2 if preset is not None else 1, "base": str(base), "base_digest": backends.base_digest(base),
             "prompt": prompt, "image_digest": image_digest(image),
-            "preset_digest": preset.digest() if preset is not None else "", "preset_scale": cfg.preset_scale if preset else ""}
+            "preset_digest": preset.digest() if preset is not None else "", "preset_scale": cfg.preset_scale if preset else "",
+            "preset_mode": cfg.preset_mode if preset else ""}
     return train_lora(backend, image, prompt, cfg, meta, progress)
 
 

@@ -3,39 +3,73 @@
 bitsandbytes' row-wise int8 ("LLM.int8()" without outliers, threshold 0):
     W [out, in] ~= CB [out, in] (int8) * SCB [out] (fp32 row absmax)[:, None] / 127
 4x smaller than fp32. Convolutions stay in full precision (bitsandbytes has no int8 conv).
-Merging a LoRA into the base happens *before* this (lora.fuse_into), in full precision.
+A preset LoRA enters this base in one of three ways (difflora_kit.preset): fused into the
+full-precision weights while quantizing (kernel merge_quantize), re-merged into the int8 weights
+(kernel remerge_int8), or kept beside them as a frozen adapter.
 """
 
 from __future__ import annotations
 
 import logging
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an eval-mode cast warning on every call
 
 
-def _bnb():
-    import bitsandbytes as bnb
+class Int8Linear(bnb.nn.Linear8bitLt):
+    """bitsandbytes' Linear8bitLt (int8 weights, threshold 0) that computes the same way in train and
+    eval mode. On CPU bitsandbytes multiplies with the dequantized weights in train mode but quantizes
+    the activations to int8 in eval mode, so a model sampled after `.eval()` differed from the model
+    it was trained as; here the CPU always takes the training (weight-only) path. On CUDA both modes
+    are bitsandbytes' int8 matmul, unchanged. peft sees a Linear8bitLt and wraps it as usual."""
 
-    return bnb
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        if self.weight.CB is not None:
+            self.init_8bit_state()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        self.state.is_training = True  # bnb.matmul -> MatMul8bitFp: x @ (CB * SCB / 127).T
+        return bnb.matmul(x, self.weight, bias=bias, state=self.state)
 
 
 def quantize_linears(module: nn.Module) -> nn.Module:
-    """Replace every nn.Linear inside `module` by an int8 Linear8bitLt, in place; returns `module`."""
-    bnb = _bnb()
+    """Replace every nn.Linear inside `module` by an Int8Linear, in place; returns `module`."""
     for name, child in list(module.named_modules()):
         for attr, layer in list(child.named_children()):
             if type(layer) is nn.Linear:
-                q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                        has_fp16_weights=False, threshold=0.0)
+                q = Int8Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               has_fp16_weights=False, threshold=0.0, device="meta")
                 q.weight = bnb.nn.Int8Params(layer.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-                if layer.bias is not None:
-                    q.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
+                q.bias = None if layer.bias is None else nn.Parameter(layer.bias.data.clone(), requires_grad=False)
                 setattr(child, attr, q.to(layer.weight.device))  # .to() quantizes: CB, SCB
     module.is_loaded_in_8bit = True  # peft then wraps these layers with its 8-bit LoRA layer
     return module
+
+
+def int8_linear_class() -> type:
+    return bnb.nn.Linear8bitLt
+
+
+def int8_linear(CB: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """An Int8Linear holding the given row-wise int8 weight: CB int8 (out, in), SCB fp32 (out,).
+
+    Built on the meta device, so no full-precision weight is ever allocated for it."""
+    out_features, in_features = CB.shape
+    q = Int8Linear(in_features, out_features, bias=bias is not None, has_fp16_weights=False, threshold=0.0,
+                   device="meta")
+    q.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB.float())
+    q.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return q
+
+
+def set_int8_state(layer, CB: torch.Tensor, SCB: torch.Tensor) -> None:
+    """Give a Linear8bitLt new int8 weights in place (wherever bitsandbytes currently keeps them)."""
+    layer.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB.float())
+    layer.state.CB, layer.state.SCB = None, None
 
 
 def int8_state(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +87,6 @@ def dequantized_weight(layer) -> torch.Tensor:
 
 def weight_bytes(module: nn.Module) -> dict[str, int]:
     """Bytes of the module's weights by storage kind: int8 linears (CB + SCB) and the rest."""
-    bnb = _bnb()
     int8, other, seen = 0, 0, set()
     for m in module.modules():
         if isinstance(m, bnb.nn.Linear8bitLt):
@@ -64,3 +97,30 @@ def weight_bytes(module: nn.Module) -> dict[str, int]:
         if id(p) not in seen:
             other += p.numel() * p.element_size()
     return {"int8_linear": int8, "other": other, "total": int8 + other}
+
+
+def int8_linear_storage(module: nn.Module) -> dict[str, int]:
+    """What the int8 linears really hold in memory: bytes of every distinct tensor storage reachable
+    from them (parameters, buffers, CB/SCB wherever bitsandbytes put them, any other tensor
+    attribute), against the ideal `out*in` int8 bytes + 4 bytes of scale a row (+ the bias).
+    `held > ideal` means a higher-precision copy is kept somewhere."""
+    seen, held, ideal = set(), 0, 0
+
+    def count(t):
+        nonlocal held
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                held += storage.nbytes()
+
+    for m in module.modules():
+        if not isinstance(m, bnb.nn.Linear8bitLt):
+            continue
+        out_features, in_features = m.out_features, m.in_features
+        ideal += out_features * in_features + 4 * out_features
+        ideal += 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False), *vars(m).values(),
+                  *vars(m.weight).values(), *vars(m.state).values()]:
+            count(t)
+    return {"held": held, "ideal": ideal}

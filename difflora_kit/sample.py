@@ -19,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 
 from .config import SampleConfig
 from .lora import PREFIX, LoraFile
+from .preset import active_presets
 
 SWEEP_ADAPTER = "difflora_sweep"
 
@@ -47,7 +48,8 @@ def lora_loaded(unet: torch.nn.Module, lora: LoraFile, adapter: str = SWEEP_ADAP
     """Load a kit LoRA with diffusers' own loader for the duration of the block."""
     metadata = {f"{PREFIX}.{k}": v for k, v in lora.config.items()}
     unet.load_lora_adapter(dict(lora.tensors), prefix=PREFIX, adapter_name=adapter, metadata=metadata)
-    unet.set_adapters([adapter], [1.0])
+    presets = active_presets(unet)  # a frozen step-2 preset adapter stays on at its own strength
+    unet.set_adapters(presets + [adapter], [1.0] * (len(presets) + 1))
     try:
         yield adapter
     finally:

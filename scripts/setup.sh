@@ -10,7 +10,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77"
 # torch first, alone: a plain "torch" requirement would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "$(grep '^torch==' requirements/constraints.txt)"
 .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[notebooks,test]"

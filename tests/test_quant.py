@@ -31,8 +31,9 @@ def test_quantized_weight_equals_bitsandbytes_quantizer_of_the_fused_weight(tiny
     q = prepare_base("toy", TrainConfig(eight_bit=True), preset=result.lora1).unet
     name = next(n for n in result.lora1.modules() if n.endswith("to_q"))
     CB, SCB = quant.int8_state(dict(q.named_modules())[name])
-    # Int8Params quantizes the fp16 cast of the weight (bitsandbytes' own choice)
-    CB_ref, SCB_ref, _ = bnb.functional.int8_vectorwise_quant(dict(fp.named_modules())[name].weight.data.half())
+    # the default preset mode fuses and quantizes in one pass (kernels.merge_quantize), from fp32
+    # (bitsandbytes' Int8Params would round the weight to fp16 first)
+    CB_ref, SCB_ref, _ = bnb.functional.int8_vectorwise_quant(dict(fp.named_modules())[name].weight.data)
     assert (CB.int() - CB_ref.int()).abs().max() <= 1
     torch.testing.assert_close(SCB, SCB_ref)
 
@@ -50,3 +51,18 @@ def test_training_leaves_the_int8_base_untouched_and_moves_the_lora(tiny_pair_lo
     train_lora(backend, load_image(row["image1"]), row["prompt"], TrainConfig(steps=3), progress=False)
     after = quant.int8_state(layer)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_int8_linear_computes_the_same_in_train_and_eval_mode():
+    """bitsandbytes on CPU quantizes activations in eval mode only; the kit's layer never does, so a
+    model sampled after training (eval) is the model that was trained."""
+    from difflora_kit.quant import Int8Linear, dequantized_weight, quantize_linears
+
+    torch.manual_seed(0)
+    net = quantize_linears(torch.nn.Sequential(torch.nn.Linear(64, 48)))
+    layer, x = net[0], torch.randn(5, 64) * 3
+    assert isinstance(layer, Int8Linear)
+    want = x @ dequantized_weight(layer).T + layer.bias
+    outs = [net.train(mode)(x) for mode in (True, False, True)]
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,51 @@
+"""Public denoiser configs of real base models, for building them with random weights (no download).
+
+Taken from the `unet/config.json` of the public checkpoints (fields equal to diffusers' defaults
+left out); the parameter counts are the published ones: SD 1.5 859.5M, SDXL base 2567.5M.
+Used by the memory benchmark and the memory plan; the real-model backends load real weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+)
+
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+UNET_CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
+LATENT_CHANNELS, VAE_SCALE = 4, 8  # the SD VAE: 8x smaller, 4 channels
+
+
+def build_unet(name: str, device: str | torch.device = "cpu"):
+    """A full-size denoiser of the named public config with random weights (device "meta": shapes only)."""
+    from diffusers import UNet2DConditionModel
+
+    if name not in UNET_CONFIGS:
+        raise ValueError(f"unknown model config {name!r}: choose one of {', '.join(UNET_CONFIGS)}")
+    with torch.device(device):
+        return UNet2DConditionModel(**UNET_CONFIGS[name])
+
+
+def conditioning(name: str, batch: int) -> dict:
+    """Random text conditioning of the right shapes: encoder_hidden_states (B, 77, D) and, for SDXL,
+    added_cond_kwargs (pooled text_embeds (B, 1280), time_ids (B, 6))."""
+    config = UNET_CONFIGS[name]
+    g = torch.Generator().manual_seed(0)
+    out = {"encoder_hidden_states": torch.randn(batch, 77, config["cross_attention_dim"], generator=g)}
+    if config.get("addition_embed_type") == "text_time":
+        out["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g),
+                                    "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).expand(batch, -1)}
+    return out

@@ -1,0 +1,108 @@
+"""Step 2's preset: how LoRA 1 enters the base before LoRA 2 trains. Three ways (`preset_mode`).
+
+With W the full-precision weight, Q(.) bitsandbytes' row-wise int8 rounding and
+D = s * (alpha/r) * B1 @ A1 the preset's update, the base that LoRA 2 trains on is
+
+    mode      linear weights during step 2       how                                   kernel
+    fuse      Q(W + D)      fp weights + D, quantized in one pass (loads the fp base)  merge_quantize
+    requant   Q(Q(W) + D)   int8 weights re-merged (the base was loaded as int8)       remerge_int8
+    adapter   Q(W) + D      LoRA 1 kept as a frozen peft adapter beside LoRA 2         none (exact)
+
+Step 1 trained LoRA 1 against Q(W), so `adapter` reproduces step 1's model exactly; the two merge
+modes add one rounding of at most half an int8 step per weight. Convolutions are never int8:
+there the preset is fused in full precision in every mode but `adapter`.
+Measured on the toy model (bench/preset_modes.py, kernels/README.md); the default follows them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels, lora, quant
+
+PRESET_MODES = ("fuse", "requant", "adapter")
+PRESET_ADAPTER = "difflora_preset"
+
+
+def check_mode(mode: str, eight_bit: bool = True) -> str:
+    if mode not in PRESET_MODES:
+        raise ValueError(f"preset_mode must be one of {', '.join(PRESET_MODES)}, got {mode!r}")
+    if mode == "requant" and not eight_bit:
+        raise ValueError("preset_mode 'requant' re-merges into int8 weights: it needs the 8-bit base "
+                         "(drop --no-eight-bit, or use --preset-mode fuse)")
+    return mode
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _fuse_full_precision(module: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    with torch.no_grad():
+        module.weight += lora.delta_weight(A, B, scale).to(module.weight.dtype)  # (out, in[, kh, kw])
+
+
+def apply_preset(unet: nn.Module, preset: lora.LoraFile, strength: float = 1.0, mode: str = "fuse",
+                 eight_bit: bool = True, backend: str = "auto") -> nn.Module:
+    """Put `strength` x the preset LoRA into a freshly loaded full-precision denoiser and quantize its
+    linears (if `eight_bit`), the way `mode` says; in place, returns `unet`.
+
+    `backend` picks the merge kernels' implementation ("auto": Triton on CUDA sm80+, else PyTorch)."""
+    check_mode(mode, eight_bit)
+    lora.check_fits(unet, preset)
+    if mode == "adapter":
+        if eight_bit:
+            quant.quantize_linears(unet)
+        load_frozen_adapter(unet, preset, strength)
+        return unet
+    if not eight_bit:  # fuse in full precision; nothing is rounded
+        lora.fuse_into(unet, preset, strength)
+        return unet
+    if mode == "requant":
+        quant.quantize_linears(unet)  # the base as loaded in int8: Q(W)
+    for name, (A, B) in preset.modules().items():
+        module, scale = unet.get_submodule(name), strength * preset.scaling(name)  # after any quantizing
+        if type(module) is nn.Linear:  # fuse: fp W + D -> int8 in one pass
+            CB, SCB = kernels.merge_quantize(module.weight.detach(), A, B, scale, backend=backend)
+            _set_submodule(unet, name, quant.int8_linear(CB, SCB, module.bias))
+        elif mode == "requant" and isinstance(module, quant.int8_linear_class()):
+            CB, SCB = kernels.remerge_int8(*quant.int8_state(module), A, B, scale, backend=backend)
+            quant.set_int8_state(module, CB, SCB)
+        else:  # convolutions (and any other float module) stay full precision
+            _fuse_full_precision(module, A, B, scale)
+    quant.quantize_linears(unet)  # the linears the preset does not touch
+    return unet
+
+
+def load_frozen_adapter(unet: nn.Module, preset: lora.LoraFile, strength: float = 1.0) -> None:
+    """Load the preset as a peft adapter named PRESET_ADAPTER (diffusers' own loader), strength baked
+    into B, frozen. `lora.attach` keeps it active beside the adapter being trained."""
+    tensors = {k: (v * strength if ".lora_B." in k else v) for k, v in preset.tensors.items()}
+    metadata = {f"{lora.PREFIX}.{k}": v for k, v in preset.config.items()}
+    unet.load_lora_adapter(tensors, prefix=lora.PREFIX, adapter_name=PRESET_ADAPTER, metadata=metadata)
+    unet.set_adapters([PRESET_ADAPTER], [1.0])
+    for name, p in unet.named_parameters():
+        if f".{PRESET_ADAPTER}." in name:
+            p.requires_grad_(False)
+
+
+def active_presets(unet: nn.Module) -> list[str]:
+    """[PRESET_ADAPTER] when the denoiser carries a frozen preset adapter, else []."""
+    return [PRESET_ADAPTER] if PRESET_ADAPTER in (getattr(unet, "peft_config", None) or {}) else []
+
+
+def effective_deltas(unet: nn.Module, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{linear name: W_eff - W_base} for the preset's int8 linears, W_eff as the forward sees it
+    (dequantized int8, plus the frozen adapter's exact update in `adapter` mode). fp32 (out, in)."""
+    out = {}
+    for name, W in base_weights.items():
+        module = unet.get_submodule(name)
+        layer = getattr(module, "base_layer", module)  # peft wraps adapted layers
+        W_eff = quant.dequantized_weight(layer)
+        if hasattr(module, "lora_A") and PRESET_ADAPTER in module.lora_A:
+            A, B = module.lora_A[PRESET_ADAPTER].weight, module.lora_B[PRESET_ADAPTER].weight
+            W_eff = W_eff + lora.delta_weight(A.detach(), B.detach(), module.scaling[PRESET_ADAPTER])
+        out[name] = W_eff - W.float()
+    return out

@@ -1,0 +1,253 @@
+"""Fused LoRA merge for a row-wise int8 base (bitsandbytes LLM.int8 layout), Triton + PyTorch.
+
+Shapes: W [out, in] (fp16/bf16/fp32), LoRA A [r, in], B [out, r], delta = scale * B @ A.
+bitsandbytes' row-wise int8: CB int8 [out, in], SCB fp32 [out] (row absmax),
+W ~= CB * SCB[:, None] / 127.
+
+Idea: the merged weight W + delta is never materialised in memory. Each program owns BLOCK_M
+rows, loads its B tile [BLOCK_M, R_PAD] once, and walks `in` in BLOCK_K tiles, recomputing the
+delta tile on the fly (the rank is small, the FLOPs are cheap, bandwidth is not):
+
+         in ->  k0      k0+BLOCK_K
+        +-------+=======+-------+      A_pad [R_PAD, in] (rank zero-padded to a multiple of 16)
+        |       | A[:,k]|       |
+        +-------+=======+-------+
+    +--+ +-------+=======+-------+
+    |B | |       |  W +  |       |  <- rows m0 .. m0+BLOCK_M  (one program)
+    |  | |       | B @ A |       |
+    +--+ +-------+=======+-------+
+  pass 1: absmax[m] = max_k |W + s*B@A|          (reads W)
+  pass 2: CB = rne(x * 127/absmax), SCB = absmax (reads W again, writes CB)
+
+Memory traffic per weight element (bytes, e = element size of W: 2 for fp16/bf16):
+  unfused  : read W (e) + write W' fp32 (4) + read W' for absmax (4) + read W' to quantize (4)
+             + write CB (1)  ~= e + 13, plus an [out, in] fp32 temporary
+  fused    : read W twice (2e) + write CB (1) = 2e + 1 ~= 5 for fp16, no temporary
+  A_pad (R_PAD*in*4 bytes, e.g. 256 KiB for in=4096, r=16) is re-read by every row block and
+  pass: 8*R_PAD/BLOCK_M bytes per weight element, but it stays L2-resident, so DRAM sees ~once.
+remerge_int8 reads CB twice (2 bytes) + writes CB' (1); dequant_merge is a single pass.
+
+All in-kernel arithmetic is fp32 (loads are cast to fp32 first; the Triton interpreter's bf16
+arithmetic is wrong), round-half-even via the 1.5*2**23 trick (no libdevice rint in the
+interpreter), index arithmetic in int64 (out*in can exceed 2**31).
+"""
+import os
+
+import torch
+
+try:  # Triton is optional: without it "auto" uses the PyTorch reference.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (x + M) - M rounds half-to-even for |x| < 2**22
+_BACKENDS = ("auto", "triton", "torch")
+
+
+# ----------------------------------------------------------------------------- references
+def _delta(A, B, scale):
+    """scale * B @ A in fp32: [out, r] @ [r, in] -> [out, in]."""
+    return scale * (B.float() @ A.float())
+
+
+def quantize_rowwise_reference(x):
+    """fp32 [out, in] -> (CB int8 [out, in], SCB fp32 [out]); zero rows give CB = 0, SCB = 0."""
+    absmax = x.abs().amax(dim=1)
+    inv = torch.where(absmax > 0, 127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    cb = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    return cb, absmax.float()
+
+
+def dequantize_rowwise_reference(CB, SCB):
+    """(CB [out, in], SCB [out]) -> fp32 [out, in]."""
+    return CB.float() * SCB.float()[:, None] / 127.0
+
+
+def merge_quantize_reference(W, A, B, scale):
+    """W [out, in] + scale*B@A -> row-wise int8 (CB, SCB), fp32 math."""
+    return quantize_rowwise_reference(W.float() + _delta(A, B, scale))
+
+
+def remerge_int8_reference(CB, SCB, A, B, scale):
+    """Dequantize, add scale*B@A, requantize (fp32 math)."""
+    return quantize_rowwise_reference(dequantize_rowwise_reference(CB, SCB) + _delta(A, B, scale))
+
+
+def dequant_merge_reference(CB, SCB, A, B, scale, out_dtype=torch.float16):
+    """CB*SCB/127 + scale*B@A -> W' [out, in] in out_dtype (fp32 math)."""
+    return (dequantize_rowwise_reference(CB, SCB) + _delta(A, B, scale)).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _merged_tile(src_ptr, scb_in, b, a_ptr, rows, cols, row_mask, K, scale,
+                     SRC_INT8: tl.constexpr, R_PAD: tl.constexpr):
+        """fp32 tile [BLOCK_M, BLOCK_K] of base + scale * B @ A; zero outside the masks."""
+        col_mask = cols < K
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(src_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0).to(tl.float32)
+        if SRC_INT8:  # dequantize the int8 base: CB * SCB / 127
+            x = x * scb_in[:, None] / 127.0
+        r = tl.arange(0, R_PAD).to(tl.int64)
+        a = tl.load(a_ptr + r[:, None] * K + cols[None, :], mask=col_mask[None, :], other=0.0)
+        delta = tl.dot(b, a, input_precision="ieee")  # [BLOCK_M, R_PAD] @ [R_PAD, BLOCK_K]
+        return tl.where(mask, x + scale * delta, 0.0)
+
+    @triton.jit
+    def _row_setup(scb_in_ptr, b_ptr, M, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr,
+                   SRC_INT8: tl.constexpr):
+        """Rows of this program (int64), their mask, the B tile [BLOCK_M, R_PAD] and input SCB."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        r = tl.arange(0, R_PAD)
+        b = tl.load(b_ptr + rows[:, None] * R_PAD + r[None, :], mask=row_mask[:, None], other=0.0)
+        scb_in = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if SRC_INT8:
+            scb_in = tl.load(scb_in_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        return rows, row_mask, b, scb_in
+
+    @triton.jit
+    def _merge_quant_kernel(src_ptr, scb_in_ptr, a_ptr, b_ptr, cb_ptr, scb_ptr, M, K, scale,
+                            SRC_INT8: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+        """(W or CB*SCB/127) [M, K] + scale*B@A -> CB' int8 [M, K], SCB' fp32 [M]. Two passes."""
+        rows, row_mask, b, scb_in = _row_setup(scb_in_ptr, b_ptr, M, BLOCK_M, R_PAD, SRC_INT8)
+        absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # pass 1: row absmax of the merged weight
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            x = _merged_tile(src_ptr, scb_in, b, a_ptr, rows, cols, row_mask, K, scale,
+                             SRC_INT8, R_PAD)
+            absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+        nonzero = absmax > 0
+        inv = tl.where(nonzero, 127.0 / tl.where(nonzero, absmax, 1.0), 0.0)
+        tl.store(scb_ptr + rows, absmax, mask=row_mask)
+        for k0 in range(0, K, BLOCK_K):  # pass 2: recompute and quantize
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            x = _merged_tile(src_ptr, scb_in, b, a_ptr, rows, cols, row_mask, K, scale,
+                             SRC_INT8, R_PAD)
+            q = x * inv[:, None]
+            q = (q + 12582912.0) - 12582912.0  # round half to even (|q| <= 127 << 2**22)
+            q = tl.minimum(tl.maximum(q, -127.0), 127.0)  # clamp before the int8 cast
+            mask = row_mask[:, None] & (cols < K)[None, :]
+            tl.store(cb_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _dequant_merge_kernel(cb_ptr, scb_in_ptr, a_ptr, b_ptr, out_ptr, M, K, scale,
+                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+        """CB [M, K] * SCB [M] / 127 + scale*B@A -> out [M, K] (out's dtype). One pass."""
+        rows, row_mask, b, scb_in = _row_setup(scb_in_ptr, b_ptr, M, BLOCK_M, R_PAD, True)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            x = _merged_tile(cb_ptr, scb_in, b, a_ptr, rows, cols, row_mask, K, scale,
+                             True, R_PAD)
+            mask = row_mask[:, None] & (cols < K)[None, :]
+            tl.store(out_ptr + rows[:, None] * K + cols[None, :],
+                     x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def use_triton(tensor):
+    """True when the Triton kernels should run for `tensor`: Triton present, CUDA tensor, sm80+."""
+    return (triton is not None and tensor.is_cuda
+            and torch.cuda.get_device_capability(tensor.device) >= (8, 0))
+
+
+def _want_triton(backend, tensor):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return use_triton(tensor)
+    if triton is None:
+        raise RuntimeError("backend='triton' needs the `triton` package, which is not installed")
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set "
+                           "before triton is imported")
+    return True
+
+
+def rank_pad(r):
+    """Rank padded so tl.dot compiles on a GPU: max(16, next multiple of 16)."""
+    return max(16, -(-r // 16) * 16)
+
+
+def _check(base, A, B):
+    out, in_ = base.shape
+    r = A.shape[0]
+    if A.shape != (r, in_) or B.shape != (out, r):
+        raise ValueError(f"shape mismatch: base {tuple(base.shape)}, A {tuple(A.shape)} "
+                         f"(want [r, {in_}]), B {tuple(B.shape)} (want [{out}, r])")
+
+
+def _padded_lora(A, B, device):
+    """A [r, in] -> fp32 [R_PAD, in], B [out, r] -> fp32 [out, R_PAD], zero-padded, contiguous."""
+    r, r_pad = A.shape[0], rank_pad(A.shape[0])
+    a = torch.zeros(r_pad, A.shape[1], dtype=torch.float32, device=device)
+    b = torch.zeros(B.shape[0], r_pad, dtype=torch.float32, device=device)
+    a[:r].copy_(A)
+    b[:, :r].copy_(B)
+    return a, b, r_pad
+
+
+def _blocks(r_pad, block_m, block_k):
+    """One fixed config (no autotune: it fails on a CPU host); smaller K tiles for big ranks."""
+    return block_m or 32, block_k or (128 if r_pad <= 32 else 64)
+
+
+def _launch_quant(src, scb_in, A, B, scale, block_m, block_k):
+    M, K = src.shape
+    a, b, r_pad = _padded_lora(A, B, src.device)
+    bm, bk = _blocks(r_pad, block_m, block_k)
+    cb = torch.empty(M, K, dtype=torch.int8, device=src.device)
+    scb = torch.empty(M, dtype=torch.float32, device=src.device)
+    _merge_quant_kernel[(triton.cdiv(M, bm),)](
+        src, scb_in if scb_in is not None else scb, a, b, cb, scb, M, K, float(scale),
+        SRC_INT8=scb_in is not None, BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad)
+    return cb, scb
+
+
+# ----------------------------------------------------------------------------- public API
+def merge_quantize(W, A, B, scale, backend="auto", block_m=None, block_k=None):
+    """W [out, in] (fp16/bf16/fp32) + scale * B @ A -> row-wise int8 (CB [out, in], SCB [out]).
+
+    One launch, two passes over `in` per row block (absmax, then quantize); the merged weight
+    is never stored."""
+    _check(W, A, B)
+    if not _want_triton(backend, W):
+        return merge_quantize_reference(W, A, B, scale)
+    return _launch_quant(W.contiguous(), None, A, B, scale, block_m, block_k)
+
+
+def remerge_int8(CB, SCB, A, B, scale, backend="auto", block_m=None, block_k=None):
+    """int8 base (CB, SCB) + scale * B @ A -> requantized (CB', SCB'), one launch, two passes.
+
+    Always call it on the PRISTINE base (the int8 weights as loaded), never on an already merged
+    one: each requantization rounds again, so chaining merges/unmerges drifts by up to 1 LSB per
+    round trip. To switch LoRAs, remerge the pristine base with the new LoRA."""
+    _check(CB, A, B)
+    if not _want_triton(backend, CB):
+        return remerge_int8_reference(CB, SCB, A, B, scale)
+    return _launch_quant(CB.contiguous(), SCB.float().contiguous(), A, B, scale,
+                         block_m, block_k)
+
+
+def dequant_merge(CB, SCB, A, B, scale, out_dtype=torch.float16, backend="auto",
+                  block_m=None, block_k=None):
+    """int8 base (CB [out, in], SCB [out]) + scale * B @ A -> W' [out, in] in out_dtype."""
+    _check(CB, A, B)
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
+    if not _want_triton(backend, CB):
+        return dequant_merge_reference(CB, SCB, A, B, scale, out_dtype)
+    M, K = CB.shape
+    a, b, r_pad = _padded_lora(A, B, CB.device)
+    bm, bk = _blocks(r_pad, block_m, block_k)
+    out = torch.empty(M, K, dtype=out_dtype, device=CB.device)
+    _dequant_merge_kernel[(triton.cdiv(M, bm),)](
+        CB.contiguous(), SCB.float().contiguous(), a, b, out, M, K, float(scale),
+        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad)
+    return out
