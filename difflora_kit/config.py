@@ -68,9 +68,14 @@ class SampleConfig:
     """Classifier-free guidance scale (1 = off)."""
     rescale: float = 0.7
     """Guidance rescale (Lin et al. 2023); keeps colours right at guidance > 1 on v-prediction."""
+    lora_off_first: float = 0.0
+    """Start-noise gate (Concept Sliders): the fraction of the first, noisiest steps sampled without
+    the LoRA, so the composition is set by the base alone. 0 = the LoRA acts at every step."""
 
     def __post_init__(self):
         if self.steps <= 0:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not 0.0 <= self.lora_off_first <= 1.0:
+            raise ValueError(f"lora_off_first is a fraction of the steps, in [0, 1]; got {self.lora_off_first!r}")
         if self.guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {self.guidance!r}")

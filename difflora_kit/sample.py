@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 
 import numpy as np
 import torch
@@ -26,8 +27,10 @@ SWEEP_ADAPTER = "difflora_sweep"
 
 @contextlib.contextmanager
 def per_sample_strength(unet: torch.nn.Module, adapter: str, strengths: torch.Tensor):
-    """Within the block, the adapter's output for batch row b is multiplied by strengths[b % N]."""
-    strengths = strengths.float()
+    """Within the block, the adapter's output for batch row b is multiplied by strengths[b % N].
+
+    `strengths` (N,) float is read at every call, so changing it in place (the start-noise gate
+    does) takes effect at the next model call."""
 
     def hook(module, inputs, output):
         n = output.shape[0]
@@ -47,13 +50,30 @@ def per_sample_strength(unet: torch.nn.Module, adapter: str, strengths: torch.Te
 def lora_loaded(unet: torch.nn.Module, lora: LoraFile, adapter: str = SWEEP_ADAPTER):
     """Load a kit LoRA with diffusers' own loader for the duration of the block."""
     metadata = {f"{PREFIX}.{k}": v for k, v in lora.config.items()}
-    unet.load_lora_adapter(dict(lora.tensors), prefix=PREFIX, adapter_name=adapter, metadata=metadata)
+    with warnings.catch_warnings():  # "multiple adapters": intended beside a frozen preset adapter
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        unet.load_lora_adapter(dict(lora.tensors), prefix=PREFIX, adapter_name=adapter, metadata=metadata)
     presets = active_presets(unet)  # a frozen step-2 preset adapter stays on at its own strength
     unet.set_adapters(presets + [adapter], [1.0] * (len(presets) + 1))
     try:
         yield adapter
     finally:
         unet.delete_adapters(adapter)
+
+
+def gated_steps(cfg: SampleConfig) -> int:
+    """How many of the first sampling steps run without the LoRA."""
+    return round(cfg.lora_off_first * cfg.steps)
+
+
+def start_noise_gate(wanted: torch.Tensor, live: torch.Tensor, cfg: SampleConfig):
+    """on_step(i) for the sampler: LoRA strengths 0 for the first gated steps, then `wanted`."""
+    off = gated_steps(cfg)
+
+    def on_step(i: int) -> None:
+        live.copy_(wanted if i >= off else torch.zeros_like(wanted))
+
+    return on_step
 
 
 def sweep(backend, lora: LoraFile | None, prompts: list[str], seeds: list[int], strengths: list[float],
@@ -72,10 +92,13 @@ def sweep(backend, lora: LoraFile | None, prompts: list[str], seeds: list[int], 
         for start in range(0, len(combos), max_batch):
             chunk = combos[start : start + max_batch]
             with contextlib.ExitStack() as inner:
+                on_step = None
                 if adapter is not None:
-                    s = torch.tensor([c[2] for c in chunk])
-                    inner.enter_context(per_sample_strength(backend.unet, adapter, s))
+                    wanted = torch.tensor([c[2] for c in chunk], dtype=torch.float32)  # (n,) strength per sample
+                    live = wanted.clone()  # what the hooks apply at this step
+                    inner.enter_context(per_sample_strength(backend.unet, adapter, live))
+                    on_step = start_noise_gate(wanted, live, cfg)
                 images.append(backend.generate([prompts[p] for p, _, _ in chunk], [seed for _, seed, _ in chunk],
-                                               cfg.steps, cfg.guidance, cfg.rescale))
+                                               cfg.steps, cfg.guidance, cfg.rescale, on_step))
     out = np.concatenate(images)  # (P*S*K, H, W, 3)
     return out.reshape(len(prompts), len(seeds), len(strengths), *out.shape[1:])

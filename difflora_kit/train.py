@@ -34,6 +34,8 @@ class TrainResult:
     lora: lora.LoraFile
     losses: list[float]
     seconds: float
+    step_seconds: list[float] = dataclasses.field(default_factory=list)
+    """Wall time of each optimizer step (the first includes one-time set-up)."""
 
 
 def stratified_timesteps(batch: int, num_train: int, generator: torch.Generator) -> torch.Tensor:
@@ -53,7 +55,7 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     x0 = backend.encode_images(image[None]).expand(cfg.batch, -1, -1, -1)  # (B, C, H, W), cached once
     states = backend.encode_prompts([prompt]).expand(cfg.batch, -1, -1)  # (B, T, D), cached once
     scheduler = backend.scheduler
-    losses, started = [], time.time()
+    losses, step_seconds, started = [], [], time.time()
     warmup = max(1, cfg.steps // 20)
     for step in tqdm(range(cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})", disable=not progress):
         noise = torch.randn(x0.shape, generator=generator)
@@ -71,8 +73,9 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        step_seconds.append(time.time() - started - sum(step_seconds))
     backend.unet.eval()
     tensors, config = lora.adapter_state(backend.unet, ADAPTER)
     info = {"rank": cfg.rank, "alpha": cfg.alpha, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
             "eight_bit": cfg.eight_bit, **(meta or {})}
-    return TrainResult(lora.LoraFile(tensors, config, info), losses, time.time() - started)
+    return TrainResult(lora.LoraFile(tensors, config, info), losses, time.time() - started, step_seconds)

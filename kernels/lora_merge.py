@@ -51,32 +51,43 @@ def _delta(A, B, scale):
     return scale * (B.float() @ A.float())
 
 
-def quantize_rowwise_reference(x):
-    """fp32 [out, in] -> (CB int8 [out, in], SCB fp32 [out]); zero rows give CB = 0, SCB = 0."""
-    absmax = x.abs().amax(dim=1)
+def _add_delta_(x, A, B, scale):
+    """x += scale * B @ A in place (x fp32 [out, in]); one fused addmm, no [out, in] temporary."""
+    return x.addmm_(B.float(), A.float(), alpha=float(scale))
+
+
+def quantize_rowwise_(x):
+    """fp32 [out, in] -> (CB int8 [out, in], SCB fp32 [out]), overwriting x; zero rows give CB = 0, SCB = 0."""
+    absmax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1)  # (out,) row absmax, no |x| temporary
     inv = torch.where(absmax > 0, 127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    cb = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    cb = x.mul_(inv[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return cb, absmax.float()
+
+
+def quantize_rowwise_reference(x):
+    """fp32 [out, in] -> (CB int8 [out, in], SCB fp32 [out]); x is left as it was."""
+    return quantize_rowwise_(x.float().clone())
 
 
 def dequantize_rowwise_reference(CB, SCB):
     """(CB [out, in], SCB [out]) -> fp32 [out, in]."""
-    return CB.float() * SCB.float()[:, None] / 127.0
+    return CB.float().mul_(SCB.float()[:, None] / 127.0)
 
 
 def merge_quantize_reference(W, A, B, scale):
-    """W [out, in] + scale*B@A -> row-wise int8 (CB, SCB), fp32 math."""
-    return quantize_rowwise_reference(W.float() + _delta(A, B, scale))
+    """W [out, in] + scale*B@A -> row-wise int8 (CB, SCB), fp32 math, one fp32 temporary."""
+    merged = W.float() if W.dtype != torch.float32 else W.clone()
+    return quantize_rowwise_(_add_delta_(merged, A, B, scale))
 
 
 def remerge_int8_reference(CB, SCB, A, B, scale):
-    """Dequantize, add scale*B@A, requantize (fp32 math)."""
-    return quantize_rowwise_reference(dequantize_rowwise_reference(CB, SCB) + _delta(A, B, scale))
+    """Dequantize, add scale*B@A, requantize (fp32 math, one fp32 temporary)."""
+    return quantize_rowwise_(_add_delta_(dequantize_rowwise_reference(CB, SCB), A, B, scale))
 
 
 def dequant_merge_reference(CB, SCB, A, B, scale, out_dtype=torch.float16):
     """CB*SCB/127 + scale*B@A -> W' [out, in] in out_dtype (fp32 math)."""
-    return (dequantize_rowwise_reference(CB, SCB) + _delta(A, B, scale)).to(out_dtype)
+    return _add_delta_(dequantize_rowwise_reference(CB, SCB), A, B, scale).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
