@@ -1,7 +1,9 @@
 """Which backend a `--base` value means. The family is read from the model folder's config.
 
-    "toy" (default)          -> the shipped toy model, data_samples/toy_base
-    a folder with model_index.json -> its family: "difflora-toy" (a kit-made toy model)
+    "toy" (default)                 -> the shipped toy model, data_samples/toy_base
+    a folder with model_index.json  -> its family: "difflora-toy" (a kit-made toy model),
+                                       StableDiffusionPipeline -> "sd15", StableDiffusionXLPipeline -> "sdxl"
+    a hub id ("owner/name")         -> the same, from huggingface_hub's cache (downloaded when online)
 """
 
 from __future__ import annotations
@@ -9,54 +11,101 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from .sd_backend import FAMILIES as SD_FAMILIES
 from .toy.backend import DEFAULT_FOLDER, FAMILY, ToyBackend
+
+
+def _from_hub(repo_id: str) -> Path | None:
+    """The local snapshot of a hub model (fetched when online), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+                                      ignore_patterns=["*.fp16.safetensors", "*ema*"]))
+    except Exception:  # offline and not cached, no such repo, no network: the caller explains
+        return None
 
 
 def resolve(base: str | Path = "toy") -> Path:
     if str(base) == "toy":
         return DEFAULT_FOLDER
     path = Path(base)
+    if not path.exists() and str(base).count("/") == 1 and not str(base).startswith((".", "/")):
+        path = _from_hub(str(base)) or path
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"--base {base}: not a model folder (no model_index.json there). Use 'toy' for the built-in model "
-            "or the path of a diffusers model folder."
+            f"--base {base}: not a model folder (no model_index.json there), nor a hub model available here. "
+            "Use 'toy' for the built-in model, the path of a diffusers model folder, or a hub id while online."
         )
     return path
 
 
 def family(base: str | Path = "toy") -> str:
     index = json.loads((resolve(base) / "model_index.json").read_text())
-    return index.get("family") or index.get("_class_name", "unknown")
+    if "family" in index:
+        return index["family"]
+    return SD_FAMILIES.get(index.get("_class_name", ""), index.get("_class_name", "unknown"))
 
 
 def check_supported(base: str | Path = "toy") -> str:
     """The family of `base`, or a clear error when this version has no backend for it."""
     kind = family(base)
-    if kind != FAMILY:
+    if kind not in (FAMILY, *SD_FAMILIES.values()):
         raise NotImplementedError(
             f"--base {base}: model family {kind!r} has no backend in this version of difflora-kit "
-            f"(available: the toy model). Real Stable Diffusion backends are planned."
+            f"(available: the toy model, Stable Diffusion 1.x (sd15) and SDXL (sdxl))."
         )
     return kind
 
 
 def sample_size(base: str | Path = "toy") -> int:
     """The image size the base draws (pixels): training images must have it (or be resized)."""
-    check_supported(base)
-    return json.loads((resolve(base) / "unet" / "config.json").read_text())["sample_size"]
+    kind, folder = check_supported(base), resolve(base)
+    size = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
+    if kind == FAMILY:
+        return size  # pixel space
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return size * 2 ** (len(vae["block_out_channels"]) - 1)  # latent size x the VAE's down-sampling
 
 
-def load_backend(base: str | Path = "toy"):
-    """A fresh, full-precision backend for `base` (each call reloads: training modifies the denoiser)."""
+def load_backend(base: str | Path = "toy", device: str | None = None):
+    """A fresh, full-precision backend for `base` (each call reloads: training modifies the denoiser).
+    SD backends go to `device` (default: CUDA when available)."""
+    kind = check_supported(base)
+    if kind == FAMILY:
+        return ToyBackend.load(resolve(base))
+    from .sd_backend import StableDiffusionBackend
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return StableDiffusionBackend.load(resolve(base), device)
+
+
+def module_names(base: str | Path = "toy") -> list[str]:
+    """Names of the denoiser's modules, from its config alone (built on the meta device: no weights)."""
+    from diffusers import UNet2DConditionModel
+
     check_supported(base)
-    return ToyBackend.load(resolve(base))
+    config = UNet2DConditionModel.load_config(resolve(base) / "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return [name for name, _ in unet.named_modules() if name]
 
 
 def base_digest(base: str | Path = "toy") -> str:
-    """Short hash of the denoiser's weight file: LoRA metadata records which base a LoRA fits."""
+    """Short hash of the denoiser's weight files: LoRA metadata records which base a LoRA fits.
+    Files over 256 MiB (real models) are hashed by size, head and tail, not read whole."""
     import hashlib
 
-    h = hashlib.sha256()
+    h, chunk = hashlib.sha256(), 16 * 2**20
     for f in sorted((resolve(base) / "unet").glob("*.safetensors")):
-        h.update(f.read_bytes())
+        size = f.stat().st_size
+        if size <= 256 * 2**20:
+            h.update(f.read_bytes())
+            continue
+        with f.open("rb") as fh:
+            h.update(str(size).encode() + fh.read(chunk))
+            fh.seek(size - chunk)
+            h.update(fh.read(chunk))
     return h.hexdigest()[:16]

@@ -70,7 +70,7 @@ def denoise(
         if on_step is not None:
             on_step(i)
         model_in = torch.cat([x, x]) if use_cfg else x
-        t_batch = torch.full((model_in.shape[0],), int(t), dtype=torch.long)
+        t_batch = torch.full((model_in.shape[0],), int(t), dtype=torch.long, device=x.device)
         out = denoiser(model_in, t_batch, states)
         if use_cfg:
             out_cond, out_uncond = out.chunk(2)

@@ -122,8 +122,10 @@ def save(path: Path, lora: LoraFile) -> None:
         save_file({k: v.contiguous() for k, v in lora.tensors.items()}, str(tmp), metadata=meta)
 
 
-def load(path: Path) -> LoraFile:
-    """Read a LoRA file (safetensors only: never a pickle)."""
+def load(path: Path, module_names=None) -> LoraFile:
+    """Read a LoRA file (safetensors only: never a pickle): the kit's / diffusers' keys, or kohya's
+    (`lora_unet_*`, converted; that needs `module_names()`, a callable giving the base denoiser's
+    module names, see backends.module_names)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
@@ -135,6 +137,13 @@ def load(path: Path) -> LoraFile:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    from .kohya import from_kohya, is_kohya
+
+    if is_kohya(tensors):
+        if module_names is None:
+            raise LoraMismatchError(f"{path} is a kohya-format LoRA: its module names are resolved against the "
+                                    "base model; load it with module_names (the CLI does this with --base)")
+        return from_kohya(tensors, module_names(), header)
     if DIFFUSERS_METADATA_KEY in header:
         raw = json.loads(header[DIFFUSERS_METADATA_KEY])
         config = {k[len(PREFIX) + 1 :]: v for k, v in raw.items() if k.startswith(f"{PREFIX}.")}

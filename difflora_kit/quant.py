@@ -37,15 +37,16 @@ class Int8Linear(bnb.nn.Linear8bitLt):
 
 
 def quantize_linears(module: nn.Module) -> nn.Module:
-    """Replace every nn.Linear inside `module` by an Int8Linear, in place; returns `module`."""
+    """Replace every nn.Linear inside `module` by an Int8Linear on the same device, in place.
+
+    bitsandbytes' quantizer (its fp16 cast of the weight, then row absmax) runs where the weight
+    is, CPU or CUDA; no full-precision copy is kept. Returns `module`."""
     for name, child in list(module.named_modules()):
         for attr, layer in list(child.named_children()):
             if type(layer) is nn.Linear:
-                q = Int8Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                               has_fp16_weights=False, threshold=0.0, device="meta")
-                q.weight = bnb.nn.Int8Params(layer.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-                q.bias = None if layer.bias is None else nn.Parameter(layer.bias.data.clone(), requires_grad=False)
-                setattr(child, attr, q.to(layer.weight.device))  # .to() quantizes: CB, SCB
+                with torch.no_grad():
+                    CB, SCB, _ = bnb.functional.int8_vectorwise_quant(layer.weight.detach().half())  # (out, in), (out,)
+                setattr(child, attr, int8_linear(CB, SCB, layer.bias))
     module.is_loaded_in_8bit = True  # peft then wraps these layers with its 8-bit LoRA layer
     return module
 

@@ -58,8 +58,8 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     losses, step_seconds, started = [], [], time.time()
     warmup = max(1, cfg.steps // 20)
     for step in tqdm(range(cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})", disable=not progress):
-        noise = torch.randn(x0.shape, generator=generator)
-        t = stratified_timesteps(cfg.batch, scheduler.config.num_train_timesteps, generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU: same on any device
+        t = stratified_timesteps(cfg.batch, scheduler.config.num_train_timesteps, generator).to(x0.device)
         x_t, target = diffusion.noisy_and_target(scheduler, x0, noise, t)
         loss = torch.nn.functional.mse_loss(backend.denoiser(x_t, t, states).float(), target)
         if not math.isfinite(loss.item()):

@@ -1,0 +1,92 @@
+"""Tiny random-weight Stable Diffusion 1.x and SDXL pipelines, saved as real diffusers folders.
+
+The real-model code paths (`--base PATH`) are tested offline with these: the *same* diffusers and
+transformers classes as the public checkpoints (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+CLIPTextModelWithProjection, SDXL's `addition_embed_type="text_time"`), a few thousand times
+smaller, random weights, no download. The tokenizer is the toy model's word-level CLIP tokenizer.
+
+    make_tiny_pipeline("sdxl", "out/tiny_sdxl")   # then: difflora pair A.png B.png --base out/tiny_sdxl ...
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .files import atomic_directory
+from .toy.backend import DEFAULT_FOLDER as TOY_FOLDER
+
+HIDDEN = 32  # width of each tiny text encoder
+IMAGE_SIZE = 64  # pixels; latents are 8x8
+
+
+def _tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def _text_encoder(vocab: int, max_len: int, projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=max_len, projection_dim=HIDDEN,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+                         block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=IMAGE_SIZE)
+
+
+def _unet(family: str, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    common = dict(sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+                  block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=4)
+    if family == "sd15":
+        return UNet2DConditionModel(**common, cross_attention_dim=HIDDEN,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    time_dim = 8
+    return UNet2DConditionModel(**common, cross_attention_dim=2 * HIDDEN, use_linear_projection=True,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+                                addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + HIDDEN)
+
+
+def make_tiny_pipeline(family: str, folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Write a tiny random `family` ("sd15" or "sdxl") pipeline to `folder` with save_pretrained."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"family must be sd15 or sdxl, got {family!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = Path(tmp) / "tokenizer"
+        shutil.copytree(TOY_FOLDER / "tokenizer", tok_dir)
+        tokenizer = _tokenizer(tok_dir)
+    vocab, max_len = len(tokenizer), tokenizer.model_max_length
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type, steps_offset=1,
+                              clip_sample=False)
+    parts = dict(vae=_vae(seed), unet=_unet(family, seed + 1), scheduler=scheduler, tokenizer=tokenizer,
+                 text_encoder=_text_encoder(vocab, max_len, projection=False, seed=seed + 2))
+    if family == "sd15":
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(**parts, tokenizer_2=tokenizer, force_zeros_for_empty_prompt=True,
+                                         text_encoder_2=_text_encoder(vocab, max_len, projection=True, seed=seed + 3))
+    with atomic_directory(Path(folder)) as out:
+        pipe.save_pretrained(out, safe_serialization=True)
+    return Path(folder)
