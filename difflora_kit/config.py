@@ -36,11 +36,15 @@ class TrainConfig:
     """Keep the denoiser's linear layers in 8-bit (bitsandbytes Linear8bitLt); False = full precision."""
     preset_scale: float = 1.0
     """Strength at which a preset LoRA (step 2) is applied to the base."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every this many steps (0 = never); `--resume` continues from it."""
     preset_mode: str = "fuse"
     """How the preset LoRA enters the base in step 2: fuse | requant | adapter (difflora_kit.preset)."""
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
+        if int(self.checkpoint_every) < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every!r}")
         for name in ("rank", "steps", "batch"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -32,8 +32,10 @@ def prepare_base(base: str | Path, cfg: TrainConfig, preset: lora.LoraFile | Non
 
 
 def train_stage(image: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Path = "toy",
-                preset: lora.LoraFile | None = None, progress: bool = True) -> TrainResult:
-    """Train one LoRA: step 1 without a preset, step 2 with LoRA 1 as the preset."""
+                preset: lora.LoraFile | None = None, progress: bool = True,
+                checkpoint: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train one LoRA: step 1 without a preset, step 2 with LoRA 1 as the preset.
+    `checkpoint`/`resume`: see train.train_lora."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: give the caption of the image, e.g. --prompt 'a red circle on a blue background'")
     backend = prepare_base(base, cfg, preset)
@@ -41,7 +43,7 @@ def train_stage(image: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Pa
             "prompt": prompt, "image_digest": image_digest(image),
             "preset_digest": preset.digest() if preset is not None else "", "preset_scale": cfg.preset_scale if preset else "",
             "preset_mode": cfg.preset_mode if preset else ""}
-    return train_lora(backend, image, prompt, cfg, meta, progress)
+    return train_lora(backend, image, prompt, cfg, meta, progress, checkpoint, resume)
 
 
 @dataclasses.dataclass

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint as checkpoints
 from . import diffusion, lora
 from .config import TrainConfig
+from .images import image_digest
 
 ADAPTER = "difflora"
 
@@ -45,19 +48,28 @@ def stratified_timesteps(batch: int, num_train: int, generator: torch.Generator)
 
 
 def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: dict | None = None,
-               progress: bool = True) -> TrainResult:
-    """Train a LoRA on one image [H, W, 3] in [0, 1]; the backend's denoiser gets (and keeps) the adapter."""
+               progress: bool = True, checkpoint: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train a LoRA on one image [H, W, 3] in [0, 1]; the backend's denoiser gets (and keeps) the adapter.
+
+    With `checkpoint` and cfg.checkpoint_every > 0, the state is written there every that many steps;
+    `resume` continues from it when it exists (same result, bit for bit on a CPU)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # peft's A init
     params = lora.attach(backend.unet, cfg.rank, cfg.alpha, cfg.targets, ADAPTER)
+    named = [(n, p) for n, p in backend.unet.named_parameters() if p.requires_grad]  # the LoRA's, by name
     backend.unet.train()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     x0 = backend.encode_images(image[None]).expand(cfg.batch, -1, -1, -1)  # (B, C, H, W), cached once
     states = backend.encode_prompts([prompt]).expand(cfg.batch, -1, -1)  # (B, T, D), cached once
     scheduler = backend.scheduler
-    losses, step_seconds, started = [], [], time.time()
+    losses, step_seconds, started, first = [], [], time.time(), 0
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
+    run = checkpoints.fingerprint(cfg=settings, prompt=prompt, image=image_digest(image), meta=meta or {})
+    if checkpoint is not None and resume and Path(checkpoint).is_file():
+        first, losses = checkpoints.restore(checkpoint, named, optimizer, generator, run)
     warmup = max(1, cfg.steps // 20)
-    for step in tqdm(range(cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})", disable=not progress):
+    for step in tqdm(range(first, cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})",
+                     disable=not progress, initial=first, total=cfg.steps):
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU: same on any device
         t = stratified_timesteps(cfg.batch, scheduler.config.num_train_timesteps, generator).to(x0.device)
         x_t, target = diffusion.noisy_and_target(scheduler, x0, noise, t)
@@ -74,6 +86,9 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
         optimizer.step()
         losses.append(loss.item())
         step_seconds.append(time.time() - started - sum(step_seconds))
+        if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                and step + 1 < cfg.steps:
+            checkpoints.save(checkpoint, named, optimizer, step + 1, generator, losses, run)
     backend.unet.eval()
     tensors, config = lora.adapter_state(backend.unet, ADAPTER)
     info = {"rank": cfg.rank, "alpha": cfg.alpha, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
