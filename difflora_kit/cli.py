@@ -6,6 +6,8 @@
     difflora evaluate [--pairs METADATA] [--axis detail] --out DIR
     difflora demo [--out DIR]
     difflora make-pairs --out DIR ; difflora pretrain --out DIR
+    difflora average L1.safetensors L2.safetensors ... --out AVG.safetensors [--weights 0.5,0.5] [--rank N|auto]
+    difflora pairs METADATA.jsonl --out DIR [--axis detail] [--limit N] [--rank-out N|auto]
 """
 
 from __future__ import annotations
@@ -68,15 +70,48 @@ def _train_cfg(args, start: TrainConfig | None = None) -> TrainConfig:
         raise UserError(str(e))
 
 
+def _train_cfg_from(**fields) -> TrainConfig:
+    try:
+        return TrainConfig(**fields)
+    except ValueError as e:
+        raise UserError(str(e))
+
+
+def load_lora(path, base="toy"):
+    """A LoRA file in the kit's/diffusers' keys or kohya's (names resolved against `base`)."""
+    from . import backends, lora
+
+    return lora.load(path, module_names=lambda: backends.module_names(base))
+
+
+def cmd_convert(args) -> None:
+    from . import kohya, lora
+    from .files import check_writable
+
+    check_writable(args.out, args.force)
+    the_lora = load_lora(args.lora, args.base)
+    if args.to == "kohya":
+        kohya.save_kohya(args.out, the_lora)
+    else:
+        lora.save(args.out, the_lora)
+    print(f"wrote {args.out} ({args.to} keys, {len(the_lora.modules())} modules, rank {the_lora.rank})")
+
+
 def _sample_cfg(args) -> SampleConfig:
-    return SampleConfig(**{k: v for k, v in (("steps", args.sample_steps), ("guidance", args.guidance),
-                                             ("rescale", args.rescale)) if v is not None})
+    given = (("steps", args.sample_steps), ("guidance", args.guidance), ("rescale", args.rescale),
+             ("lora_off_first", args.lora_off_first))
+    try:
+        return SampleConfig(**{k: v for k, v in given if v is not None})
+    except ValueError as e:
+        raise UserError(str(e))
 
 
 def _add_sample_flags(p):
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 2.0)")
     p.add_argument("--rescale", type=float, default=None, help="guidance rescale (default 0.7)")
+    p.add_argument("--lora-off-first", type=float, default=None,
+                   help="start-noise gate: fraction of the first sampling steps without the LoRA (default 0)")
 
 
 def _model_size(base) -> int:
@@ -85,33 +120,59 @@ def _model_size(base) -> int:
     return backends.sample_size(base)
 
 
+def _finish(path: Path, the_lora, checkpoint: Path) -> None:
+    """Write the finished LoRA, then drop its checkpoint (in that order: a kill between the two
+    leaves a finished LoRA and a stale checkpoint, never a lost run)."""
+    from . import lora
+
+    lora.save(path, the_lora)
+    checkpoint.unlink(missing_ok=True)
+
+
 def cmd_train(args) -> None:
-    from . import lora, pair
+    from . import pair
+    from .checkpoint import checkpoint_path
     from .files import check_writable
     from .images import load_image
 
     check_writable(args.out, args.force)
     image = load_image(args.image, _model_size(args.base), args.resize)
-    preset = lora.load(args.preset_lora) if args.preset_lora else None
-    result = pair.train_stage(image, args.prompt, _train_cfg(args), args.base, preset)
-    lora.save(args.out, result.lora)
+    preset = load_lora(args.preset_lora, args.base) if args.preset_lora else None
+    ckpt = checkpoint_path(args.out)
+    result = pair.train_stage(image, args.prompt, _train_cfg(args), args.base, preset, checkpoint=ckpt, resume=args.resume)
+    _finish(args.out, result.lora, ckpt)
     print(f"wrote {args.out} (stage {result.lora.meta['stage']}, {len(result.losses)} steps in {result.seconds:.1f} s, "
           f"final loss {result.losses[-1]:.4f})")
 
 
 def cmd_pair(args) -> None:
     from . import pair
+    from .checkpoint import checkpoint_path
     from .files import check_writable
-    from .images import load_image
+    from .images import check_pair, load_image
 
-    for name in ("lora1.safetensors", "lora2.safetensors"):
-        check_writable(Path(args.out) / name, args.force)
+    out = Path(args.out)
+    paths = out / "lora1.safetensors", out / "lora2.safetensors"
+    step1_done = args.resume and paths[0].is_file()  # resuming after step 1 finished: keep its LoRA
+    for path in paths[1 if step1_done else 0:]:
+        check_writable(path, args.force)
     size = _model_size(args.base)
-    image1 = load_image(args.image1, size, args.resize)
-    image2 = load_image(args.image2, size, args.resize)
-    result = pair.train_pair(image1, image2, args.prompt, _train_cfg(args), args.base)
-    paths = pair.save_pair(result, args.out, args.force)
-    print(f"wrote {paths[0]} and {paths[1]} (step 1 {result.step1.seconds:.1f} s, step 2 {result.step2.seconds:.1f} s)")
+    image1, image2 = load_image(args.image1, size, args.resize), load_image(args.image2, size, args.resize)
+    check_pair(image1, image2)
+    cfg = _train_cfg(args)
+    if step1_done:
+        lora1 = load_lora(paths[0], args.base)
+        print(f"resuming: {paths[0]} is finished, step 1 skipped")
+    else:
+        step1 = pair.train_stage(image1, args.prompt, cfg, args.base, None, checkpoint=checkpoint_path(paths[0]),
+                                 resume=args.resume)
+        lora1 = step1.lora
+        _finish(paths[0], lora1, checkpoint_path(paths[0]))
+    step2 = pair.train_stage(image2, args.prompt, cfg, args.base, lora1, checkpoint=checkpoint_path(paths[1]),
+                             resume=args.resume)
+    step2.lora.meta["image1_digest"] = lora1.meta.get("image_digest", "")
+    _finish(paths[1], step2.lora, checkpoint_path(paths[1]))
+    print(f"wrote {paths[0]} and {paths[1]} (step 2 {step2.seconds:.1f} s)")
 
 
 def cmd_sample(args) -> None:
@@ -125,9 +186,9 @@ def cmd_sample(args) -> None:
     prompts = args.prompt
     if any(not p.strip() for p in prompts):
         raise UserError("a --prompt is empty: give a caption, e.g. --prompt 'a red circle on a blue background'")
-    the_lora = lora.load(args.lora) if args.lora else None
-    preset = lora.load(args.preset_lora) if args.preset_lora else None
-    backend = pair.prepare_base(args.base, TrainConfig(eight_bit=args.eight_bit), preset)
+    the_lora = load_lora(args.lora, args.base) if args.lora else None
+    preset = load_lora(args.preset_lora, args.base) if args.preset_lora else None
+    backend = pair.prepare_base(args.base, _train_cfg_from(eight_bit=args.eight_bit, preset_mode=args.preset_mode), preset)
     images = sample.sweep(backend, the_lora, prompts, args.seeds, args.scales, _sample_cfg(args))  # (P, S, K, H, W, 3)
     P, S, K = images.shape[:3]
     grid = images.transpose(2, 0, 1, 3, 4, 5).reshape(K, P * S, *images.shape[3:])  # rows: scales
@@ -176,6 +237,124 @@ def cmd_pretrain(args) -> None:
     pretrain(args.out, args.steps, args.batch, args.lr, args.seed, args.eval_every)
 
 
+def _rank_arg(text: str | None, flag: str) -> int | str | None:
+    """'auto', a positive integer, or None (not given)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank <= 0:
+        raise UserError(f"{flag} must be a positive integer or 'auto', got {text!r}")
+    return rank
+
+
+def _rank_energy(rank_text: str | None, energy: float | None, flag: str) -> tuple[int | str | None, float]:
+    """(rank, energy) of an SVD-compressed average; --energy alone means --rank auto."""
+    rank = _rank_arg(rank_text, flag)
+    if energy is not None:
+        if not 0 < energy <= 1:
+            raise UserError(f"--energy must be in (0, 1] (the fraction of ||dW||^2 kept per layer), got {energy!r}")
+        if rank is None:
+            rank = "auto"
+        elif rank != "auto":
+            raise UserError(f"--energy sets what {flag} auto keeps; it does not apply to a fixed {flag} {rank}")
+    return rank, 0.99 if energy is None else energy
+
+
+def cmd_average(args) -> None:
+    from . import average, lora
+    from .files import check_writable
+
+    if args.out.suffix != ".safetensors":
+        raise UserError(f"--out {args.out}: LoRA files are written as .safetensors; name it e.g. average.safetensors")
+    check_writable(args.out, args.force)
+    rank, energy = _rank_energy(args.rank, args.energy, "--rank")
+    members = [lora.load(p) for p in args.loras]
+    result = average.average(members, args.weights, rank, energy, args.compare_naive)
+    lora.save(args.out, result.lora)
+    print(average.format_report(result))
+    print(f"wrote {args.out}")
+
+
+def _select_pairs(rows: list[dict], axis: str | None, limit: int | None) -> list[dict]:
+    axes = sorted({r.get("axis") or "" for r in rows})
+    if axis is not None:
+        rows = [r for r in rows if r.get("axis") == axis]
+        if not rows:
+            raise UserError(f"no pair on axis {axis!r} in the metadata (axes there: {', '.join(a for a in axes if a) or 'none'})")
+    elif len(axes) > 1:
+        raise UserError(f"the metadata holds pairs of several axes ({', '.join(a or '(none)' for a in axes)}): choose one "
+                        "with --axis (an average of LoRA 2s of different axes mixes their effects)")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit must be a positive integer, got {limit}")
+    if not rows:
+        raise UserError("the metadata holds no pair")
+    return rows[:limit] if limit else rows
+
+
+def cmd_pairs(args) -> None:
+    from . import average, lora, pair
+    from .files import atomic_directory, check_writable
+    from .images import load_image
+    from .toy.pairs import read_pairs
+
+    check_writable(args.out, args.force)
+    rank, energy = _rank_energy(args.rank_out, args.energy, "--rank-out")
+    cfg = _train_cfg(args)
+    rows = _select_pairs(read_pairs(args.metadata), args.axis, args.limit)
+    size = _model_size(args.base)
+    images = [(load_image(r["image1"], size, args.resize), load_image(r["image2"], size, args.resize)) for r in rows]
+    with atomic_directory(args.out) as tmp:  # DIR appears whole at the end, or not at all
+        entries, lora2s = [], []
+        for i, (row, (image1, image2)) in enumerate(zip(rows, images)):
+            print(f"pair {i + 1}/{len(rows)}: {row['prompt']!r}")
+            result = pair.train_pair(image1, image2, row["prompt"], cfg, args.base)
+            pair.save_pair(result, tmp / f"pair_{i:03d}")
+            lora2s.append(result.lora2)
+            entries.append({"dir": f"pair_{i:03d}", "image1": row["image1"], "image2": row["image2"],
+                            "prompt": row["prompt"], "axis": row.get("axis", ""), "lora1_digest": result.lora1.digest(),
+                            "lora2_digest": result.lora2.digest(),
+                            "seconds": round(result.step1.seconds + result.step2.seconds, 2)})
+        avg = average.average(lora2s, None, rank, energy)
+        lora.save(tmp / "average.safetensors", avg.lora)
+        summary = {"file": "average.safetensors", "method": avg.method, "members": [e["lora2_digest"] for e in entries],
+                   "rank": max(average.module_ranks(avg.lora).values()),
+                   "rank_setting": rank if rank is not None else "exact",
+                   "energy_kept": avg.svd.energy if avg.svd else 1.0}
+        index = {"metadata": str(args.metadata), "axis": args.axis or rows[0].get("axis", ""), "base": str(args.base),
+                 "config": dataclasses.asdict(cfg), "pairs": entries, "average": summary}
+        (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    print(average.format_report(avg))
+    print(f"wrote {len(rows)} pairs (pair_000 ...), average.safetensors and index.json in {args.out}")
+
+
+def _add_average_parsers(sub, common) -> None:
+    p = sub.add_parser("average", help="average LoRAs exactly in delta-W space (optionally SVD to a lower rank)")
+    p.add_argument("loras", type=Path, nargs="+", help="LoRA files (.safetensors) of one base and targets")
+    p.add_argument("--out", type=Path, required=True, help="the averaged LoRA (.safetensors)")
+    p.add_argument("--weights", type=_floats, default=None, help="one weight per LoRA, e.g. 0.5,0.5 (default 1/N each)")
+    p.add_argument("--rank", default=None, help="N or auto: truncated SVD of each layer's average (default: exact, rank sum r_i)")
+    p.add_argument("--energy", type=float, default=None, help="with --rank auto: energy kept per layer (default 0.99)")
+    p.add_argument("--compare-naive", action="store_true",
+                   help="also report the error of averaging A and B separately (the wrong way; equal ranks)")
+    common(p, base=False)
+    p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser("pairs", help="train LoRA 1 and 2 for every pair of a metadata file; average the LoRA 2s")
+    p.add_argument("metadata", type=Path, help="pairs metadata.jsonl (image1, image2, prompt[, axis])")
+    p.add_argument("--out", type=Path, required=True, help="DIR: pair_XXX/lora1|lora2.safetensors, average.safetensors, index.json")
+    p.add_argument("--axis", default=None, help="only the pairs of this axis (needed when the file holds several)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    p.add_argument("--rank-out", default=None, help="N or auto: SVD-compress the average (default: exact)")
+    p.add_argument("--energy", type=float, default=None, help="with --rank-out auto: energy kept per layer (default 0.99)")
+    p.add_argument("--resize", action="store_true", help="resize the images to the model's size")
+    _add_dataclass_flags(p, TrainConfig)
+    common(p)
+    p.set_defaults(func=cmd_pairs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflora", description="Differential LoRA training for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
     p = sub.add_parser("train", help="train one LoRA (step 1; step 2 with --preset-lora)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint a killed run left (train with --checkpoint-every N)")
     p.add_argument("image", type=Path)
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -197,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pair", help="step 1 on IMAGE1, then step 2 on IMAGE2: DIR/lora1, DIR/lora2")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint a killed run left (train with --checkpoint-every N)")
     p.add_argument("image1", type=Path)
     p.add_argument("image2", type=Path)
     p.add_argument("--prompt", required=True)
@@ -216,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="grid PNG")
     p.add_argument("--images", type=Path, default=None, help="folder for one PNG per prompt/seed/scale + index.json")
     p.add_argument("--eight-bit", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--preset-mode", default="fuse", help="how --preset-lora enters the base: fuse | requant | adapter")
     _add_sample_flags(p)
     common(p)
     p.set_defaults(func=cmd_sample)
@@ -233,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
         common(p)
         p.set_defaults(func=func)
 
+    p = sub.add_parser("convert", help="a LoRA in other keys: kohya (ComfyUI, A1111) or the kit's diffusers keys")
+    p.add_argument("lora", type=Path)
+    p.add_argument("--to", choices=("kohya", "diffusers"), required=True)
+    p.add_argument("--out", type=Path, required=True)
+    common(p)
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("make-pairs", help="write toy image pairs + metadata.jsonl")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--per-axis", type=int, default=24)
@@ -249,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=250)
     common(p, base=False)
     p.set_defaults(func=cmd_pretrain)
+    _add_average_parsers(sub, common)
     return parser
 
 
@@ -256,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     for i in range(len(argv) - 1):  # "--scales -1,0,1": a value that starts with "-" is not an option here
-        if argv[i] in ("--scales", "--seeds") and argv[i + 1].startswith("-"):
+        if argv[i] in ("--scales", "--seeds", "--weights") and argv[i + 1].startswith("-"):
             argv[i : i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
     args = build_parser().parse_args([a for a in argv if a != ""])
     from .files import OutputExistsError

@@ -1,0 +1,78 @@
+"""kohya keys: export a kit LoRA for ComfyUI/A1111, load it with diffusers' kohya loader, import it back."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from difflora_kit import backends, cli, kohya, lora, sample
+from difflora_kit.config import TrainConfig
+from difflora_kit.pair import prepare_base
+from difflora_kit.tiny_models import make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tmp_path_factory):
+    return make_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "base")
+
+
+@pytest.fixture(scope="module")
+def random_lora(tiny_sd15):
+    """A LoRA on the tiny SD 1.5 denoiser with random A and B, and a different rank on one module."""
+    unet = backends.load_backend(tiny_sd15, "cpu").unet
+    torch.manual_seed(0)
+    lora.attach(unet, 4, 2, TrainConfig().targets, "difflora")
+    tensors, config = lora.adapter_state(unet, "difflora")
+    tensors = {k: torch.randn_like(v) * 0.1 for k, v in tensors.items()}
+    odd = sorted(lora.LoraFile(tensors, config, {}).modules())[0]  # rank 2 and its own alpha there
+    tensors[f"unet.{odd}.lora_A.weight"] = tensors[f"unet.{odd}.lora_A.weight"][:2]
+    tensors[f"unet.{odd}.lora_B.weight"] = tensors[f"unet.{odd}.lora_B.weight"][:, :2]
+    config = {**config, "rank_pattern": {odd: 2}, "alpha_pattern": {odd: 3.0}}
+    return lora.LoraFile(tensors, config, {"stage": "2", "base": str(tiny_sd15)})
+
+
+def test_kohya_export_loads_in_diffusers_and_gives_the_same_output(tiny_sd15, random_lora, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    path = tmp_path / "kohya.safetensors"
+    kohya.save_kohya(path, random_lora)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["ss_network_module"] == "networks.lora"
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".alpha") for k in keys)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, use_safetensors=True)
+    pipe.load_lora_weights(str(path))  # diffusers' own kohya conversion
+    kit = prepare_base(tiny_sd15, TrainConfig(eight_bit=False))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 600])
+    states = kit.encode_prompts(["a red circle", "a cat"])
+    with torch.no_grad(), sample.lora_loaded(kit.unet, random_lora):
+        want = kit.denoiser(x, t, states)
+    with torch.no_grad():
+        got = pipe.unet(x, t, states).sample
+        plain = kit.denoiser(x, t, states)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (want - plain).abs().max() > 1e-3
+
+
+def test_kohya_import_round_trips_and_serves_as_a_preset(tiny_sd15, random_lora, tmp_path, capsys):
+    path = tmp_path / "kohya.safetensors"
+    kohya.save_kohya(path, random_lora)
+    back = lora.load(path, module_names=lambda: backends.module_names(tiny_sd15))
+    want, got = lora.module_deltas(random_lora), lora.module_deltas(back)
+    assert set(want) == set(got)
+    assert random_lora.scaling(next(iter(random_lora.config["rank_pattern"]))) == 1.5  # the odd module
+    assert {back.scaling(n) for n in got} == {1.0} and back.rank == 4  # scales folded in, rank padded to 4
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    with pytest.raises(lora.LoraMismatchError, match="kohya"):
+        lora.load(path)  # no base to resolve the names against
+    with pytest.raises(lora.LoraMismatchError, match="another model"):
+        lora.load(path, module_names=lambda: backends.module_names("toy"))
+    # the CLI: convert back to the kit's keys, and use the kohya file directly as step 2's preset
+    out = tmp_path / "diffusers.safetensors"
+    assert cli.main(["convert", str(path), "--to", "diffusers", "--out", str(out), "--base", str(tiny_sd15)]) == 0
+    assert set(lora.load(out).modules()) == set(want)
+    assert cli.main(["convert", str(path), "--to", "kohya", "--out", str(out), "--base", str(tiny_sd15)]) == 2
+    assert "--force" in capsys.readouterr().err

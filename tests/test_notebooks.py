@@ -1,0 +1,148 @@
+"""The course notebooks: committed clean, and each runs top to bottom with the CI parameters.
+
+Each notebook is executed by nbclient in the `python3` kernel (this Python's ipykernel), with
+FAST = True injected after its "parameters" cell (notebooks/runner.py), every exercise's solution
+inserted after the exercise (so the check cells verify the solutions too), in one shared working
+folder (so notebook 5 picks up the LoRA 1 that notebook 4 saved; run alone it trains its own).
+Adding a notebook is one line in NOTEBOOKS; a notebook file that is not listed fails a test.
+"""
+
+import dataclasses
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = ROOT / "notebooks"
+_spec = importlib.util.spec_from_file_location("notebook_runner", NOTEBOOKS_DIR / "runner.py")
+runner = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(runner)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """How the tests run one notebook."""
+
+    budget_s: int = 180
+    """Wall-clock limit for the whole notebook with the CI parameters (the target is 3 minutes
+    each on a 2-core CPU; the limit is a timeout, not the target: shared machines are slower)."""
+    params: tuple = ()
+    """(name, value) pairs injected on top of runner.CI_PARAMETERS."""
+    needs_cuda: bool = False
+    """Skip on a machine without CUDA (notebook 8, a real model)."""
+
+
+TIMEOUT_FACTOR = 5  # a machine busy with other jobs is slower (measured up to ~3x with one thread)
+
+NOTEBOOKS = {  # one line per notebook
+    "01_setup_and_tour": Run(),
+    "02_lora_from_scratch": Run(),
+    "03_the_8bit_base": Run(),
+    "04_step1_overfit_lora1": Run(),
+    "05_step2_lora2_difference": Run(),
+}
+
+
+def notebook_path(name: str) -> Path:
+    return NOTEBOOKS_DIR / f"{name}.ipynb"
+
+
+def read(name: str):
+    return nbformat.read(notebook_path(name), as_version=4)
+
+
+@pytest.fixture(scope="session")
+def notebook_cwd(tmp_path_factory):
+    """One working folder for all notebooks of the session (files one notebook writes, the next may read)."""
+    return tmp_path_factory.mktemp("notebooks")
+
+
+def test_every_notebook_is_listed_and_every_listed_notebook_exists():
+    on_disk = {p.stem for p in runner.discover(NOTEBOOKS_DIR)}
+    assert on_disk == set(NOTEBOOKS), (
+        f"notebooks not in NOTEBOOKS: {sorted(on_disk - set(NOTEBOOKS))}; "
+        f"listed but missing: {sorted(set(NOTEBOOKS) - on_disk)}")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs(name):
+    nb = read(name)
+    nbformat.validate(nb)
+    problems = runner.problems_when_committed(nb)
+    assert not problems, f"{name}.ipynb: {problems}. Clear outputs before committing (Kernel > Restart and clear)."
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_layout(name):
+    """Objectives first, runtime stated, the Colab cell, one parameters cell with FAST, exercises with solutions."""
+    nb = read(name)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and "You will learn" in first.source, "learning objectives come first"
+    assert re.search(r"\*\*Runtime:\*\* .*\d.*CPU", first.source) and "GPU" in first.source, \
+        "the first cell states the runtime on a CPU and on a GPU"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert '"google.colab" in sys.modules' in code[0].source, "the first code cell detects Colab"
+    assert "torch" not in re.findall(r"pip\", \"install\".*", code[0].source)[0], "Colab's torch is never reinstalled"
+    params = runner.tagged(nb, "parameters")
+    assert len(params) == 1, "exactly one cell tagged 'parameters'"
+    assert re.search(r"^FAST = False\b", nb.cells[params[0]].source, re.MULTILINE), "parameters define FAST = False"
+    exercises = [runner.exercise_id(nb.cells[i]) for i in runner.tagged(nb, "exercise")]
+    assert None not in exercises, "an exercise cell starts with '# Exercise N.M'"
+    solutions = runner.read_solutions(runner.solutions_file(notebook_path(name)))
+    assert exercises and set(exercises) == set(solutions), \
+        f"exercises {exercises} and solutions {sorted(solutions)} (solutions/{name[:2]}_solutions.py) differ"
+    for i in runner.tagged(nb, "exercise"):
+        after = nb.cells[i + 1]
+        assert "check" in after.metadata.get("tags", []), f"the cell after exercise {exercises[0]} is its check cell"
+        assert runner.SOLVED.format(runner.exercise_id(nb.cells[i])) in after.source
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_code_cells_and_solutions_compile(name):
+    """A syntax error shows here in milliseconds, not after minutes of training."""
+    for i, cell in enumerate(read(name).cells):
+        if cell.cell_type == "code":
+            compile(cell.source, f"{name}.ipynb, cell {i}", "exec")
+    for ex, source in runner.read_solutions(runner.solutions_file(notebook_path(name))).items():
+        compile(source, f"solutions/{name[:2]}_solutions.py, exercise {ex}", "exec")
+
+
+def test_kernel_is_this_python(tmp_path):
+    """nbclient's kernel_name="python3" starts the ipykernel of the Python running the tests (the venv's)."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import sys; print(sys.executable)")]
+    path = tmp_path / "00_probe.ipynb"
+    nbformat.write(nb, path)
+    result = runner.execute(path, cwd=tmp_path, timeout=120)
+    printed = result["nb"].cells[0].outputs[0]["text"].strip()
+    assert Path(printed).resolve() == Path(sys.executable).resolve()
+
+
+def test_parameters_are_injected_after_the_parameters_cell():
+    nb = read("01_setup_and_tour")
+    at = runner.tagged(nb, "parameters")[0]
+    runner.inject_parameters(nb, {"FAST": True, "SEEDS": 1})
+    assert nb.cells[at + 1].source.splitlines()[1:] == ["FAST = True", "SEEDS = 1"]
+    with pytest.raises(ValueError, match="not defined"):
+        runner.inject_parameters(read("01_setup_and_tour"), {"STEPZ": 3})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs(name, notebook_cwd):
+    run = NOTEBOOKS[name]
+    if run.needs_cuda:
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+    params = {**runner.CI_PARAMETERS, **dict(run.params)}
+    result = runner.execute(notebook_path(name), params, solutions=True, cwd=notebook_cwd,
+                            timeout=run.budget_s * TIMEOUT_FACTOR)  # raises on the first failing cell
+    text = runner.outputs_text(result["nb"])
+    missing = [ex for ex in result["exercises"] if runner.SOLVED.format(ex) not in text]
+    assert not missing, f"the check cells did not confirm the solutions of exercises {missing}"
+    print(f"{name}: {result['seconds']:.0f} s (budget {run.budget_s} s)")

@@ -1,0 +1,44 @@
+"""Strength sweeps: the start-noise gate (LoRA off for the first, noisiest sampling steps)."""
+
+import numpy as np
+import pytest
+
+from difflora_kit import cli, sample
+from difflora_kit.config import SampleConfig, TrainConfig
+from difflora_kit.pair import prepare_base
+
+PROMPTS = ["a blue cross on a white background", "a green square on a black background"]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return prepare_base("toy", TrainConfig())
+
+
+def test_gated_sweep_in_one_batch_equals_separate_runs_per_strength(plain, tiny_pair_loras):
+    lora2 = tiny_pair_loras[0].lora2
+    cfg = SampleConfig(steps=6, lora_off_first=0.5)
+    assert sample.gated_steps(cfg) == 3
+    batched = sample.sweep(plain, lora2, PROMPTS, [0, 1], [0.0, 1.0, 3.0], cfg)  # (P, S, K, H, W, 3)
+    for k, s in enumerate([0.0, 1.0, 3.0]):
+        alone = sample.sweep(plain, lora2, PROMPTS, [0, 1], [s], cfg)[:, :, 0]
+        np.testing.assert_allclose(batched[:, :, k], alone, atol=2e-5)
+
+
+def test_the_gate_turns_the_lora_off_for_the_first_steps_only(plain, tiny_pair_loras):
+    lora2 = tiny_pair_loras[0].lora2
+    base = sample.sweep(plain, None, PROMPTS[:1], [0], [1.0], SampleConfig(steps=6))
+    always_off = sample.sweep(plain, lora2, PROMPTS[:1], [0], [3.0], SampleConfig(steps=6, lora_off_first=1.0))
+    np.testing.assert_allclose(always_off, base, atol=1e-6)
+    on = sample.sweep(plain, lora2, PROMPTS[:1], [0], [3.0], SampleConfig(steps=6))
+    half = sample.sweep(plain, lora2, PROMPTS[:1], [0], [3.0], SampleConfig(steps=6, lora_off_first=0.5))
+    assert np.abs(on - base).mean() > 1e-3  # the LoRA does something at s = 3
+    assert 1e-5 < np.abs(half - base).mean() and 1e-5 < np.abs(half - on).mean()  # in between: neither
+
+
+def test_a_gate_outside_0_1_is_refused(capsys, tmp_path):
+    with pytest.raises(ValueError, match="lora_off_first"):
+        SampleConfig(lora_off_first=1.5)
+    code = cli.main(["sample", "--prompt", "a red circle on a blue background", "--out", str(tmp_path / "g.png"),
+                     "--lora-off-first", "-0.1"])
+    assert code == 2 and "lora_off_first" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
