@@ -43,8 +43,12 @@ def test_demo_and_evaluate_refuse_an_existing_output_and_bad_settings(capsys, tm
 def test_unknown_base_family_is_a_clear_error(capsys, tmp_path):
     folder = tmp_path / "sd"
     folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     row = read_pairs(DEFAULT_PAIRS)[0]
-    assert cli.main(["train", row["image1"], "--prompt", row["prompt"], "--out", str(tmp_path / "l.safetensors"),
-                     "--base", str(folder)]) == 2
-    assert "StableDiffusionPipeline" in capsys.readouterr().err
+    train = ["train", row["image1"], "--prompt", row["prompt"], "--out", str(tmp_path / "l.safetensors"), "--base", str(folder)]
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    assert cli.main(train) == 2
+    err = capsys.readouterr().err
+    assert "FluxPipeline" in err and "no backend" in err
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')  # but no unet/ folder
+    assert cli.main(train) == 2
+    assert "unet" in capsys.readouterr().err and not (tmp_path / "l.safetensors").exists()
