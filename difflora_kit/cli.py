@@ -97,6 +97,17 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.out} ({args.to} keys, {len(the_lora.modules())} modules, rank {the_lora.rank})")
 
 
+def cmd_plan(args) -> None:
+    from . import plan
+
+    cfg = _train_cfg(args)
+    result = plan.plan_memory(args.base, args.resolution, cfg, args.dtype, offload_encoders=not args.keep_encoders)
+    print(plan.format_plan(result, args.gpu_memory))
+    if args.gpu_memory and result.peak > 0.9 * args.gpu_memory * plan.GiB:
+        print("to fit, lower one of these (predicted peak after the change):")
+        print("\n".join(f"  {line}" for line in plan.advice(result)))
+
+
 def _sample_cfg(args) -> SampleConfig:
     given = (("steps", args.sample_steps), ("guidance", args.guidance), ("rescale", args.rescale),
              ("lora_off_first", args.lora_off_first))
@@ -295,7 +306,7 @@ def _select_pairs(rows: list[dict], axis: str | None, limit: int | None) -> list
 
 
 def cmd_pairs(args) -> None:
-    from . import average, lora, pair
+    from . import average, distributed, lora, pair
     from .files import atomic_directory, check_writable
     from .images import load_image
     from .toy.pairs import read_pairs
@@ -306,28 +317,57 @@ def cmd_pairs(args) -> None:
     rows = _select_pairs(read_pairs(args.metadata), args.axis, args.limit)
     size = _model_size(args.base)
     images = [(load_image(r["image1"], size, args.resize), load_image(r["image2"], size, args.resize)) for r in rows]
-    with atomic_directory(args.out) as tmp:  # DIR appears whole at the end, or not at all
-        entries, lora2s = [], []
-        for i, (row, (image1, image2)) in enumerate(zip(rows, images)):
-            print(f"pair {i + 1}/{len(rows)}: {row['prompt']!r}")
+
+    def train_share(group, tmp: Path) -> dict[int, tuple[dict, lora.LoraFile]]:
+        """Train and write this process' pairs (all of them for one process): {i: (index entry, LoRA 2)}."""
+        done = {}
+        for i in distributed.shard(len(rows), group.processes, group.index):
+            row, (image1, image2) = rows[i], images[i]
+            if not tmp.is_dir():  # removed: another process failed; train and write nothing more
+                raise distributed.PeerFailedError(f"process {group.index} of {group.processes}: the temp folder "
+                                                  f"{tmp} is gone: another process failed (its error is above)")
+            print(f"pair {i + 1}/{len(rows)}{group.tag}: {row['prompt']!r}")
             result = pair.train_pair(image1, image2, row["prompt"], cfg, args.base)
             pair.save_pair(result, tmp / f"pair_{i:03d}")
-            lora2s.append(result.lora2)
-            entries.append({"dir": f"pair_{i:03d}", "image1": row["image1"], "image2": row["image2"],
-                            "prompt": row["prompt"], "axis": row.get("axis", ""), "lora1_digest": result.lora1.digest(),
-                            "lora2_digest": result.lora2.digest(),
-                            "seconds": round(result.step1.seconds + result.step2.seconds, 2)})
-        avg = average.average(lora2s, None, rank, energy)
-        lora.save(tmp / "average.safetensors", avg.lora)
-        summary = {"file": "average.safetensors", "method": avg.method, "members": [e["lora2_digest"] for e in entries],
-                   "rank": max(average.module_ranks(avg.lora).values()),
-                   "rank_setting": rank if rank is not None else "exact",
-                   "energy_kept": avg.svd.energy if avg.svd else 1.0}
-        index = {"metadata": str(args.metadata), "axis": args.axis or rows[0].get("axis", ""), "base": str(args.base),
-                 "config": dataclasses.asdict(cfg), "pairs": entries, "average": summary}
-        (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+            done[i] = ({"dir": f"pair_{i:03d}", "image1": row["image1"], "image2": row["image2"],
+                        "prompt": row["prompt"], "axis": row.get("axis", ""), "lora1_digest": result.lora1.digest(),
+                        "lora2_digest": result.lora2.digest(),
+                        "seconds": round(result.step1.seconds + result.step2.seconds, 2)}, result.lora2)
+        return done
+
+    # One process, or under accelerate launch / torchrun a share of the pairs each (difflora_kit.distributed).
+    try:
+        with distributed.launched() as group:
+            if not group.is_main:  # train into the main process' temp folder, report, exit
+                tmp = group.share_folder(None)
+                with distributed.discarded_on_error(tmp):
+                    done = train_share(group, tmp)
+                    group.gather({i: entry for i, (entry, _) in done.items()})
+                return
+            with atomic_directory(args.out) as tmp:  # DIR appears whole at the end, or not at all
+                done = train_share(group, group.share_folder(tmp))
+                shares = group.gather({i: entry for i, (entry, _) in done.items()})  # waits for every process
+                entries = sorted((i, e) for share in shares for i, e in share.items())
+                # in pair order, not process order; another process' LoRA 2 from the file it wrote
+                lora2s = [done[i][1] if i in done else lora.load(tmp / e["dir"] / "lora2.safetensors")
+                          for i, e in entries]
+                entries = [e for _, e in entries]
+                avg = average.average(lora2s, None, rank, energy)
+                lora.save(tmp / "average.safetensors", avg.lora)
+                summary = {"file": "average.safetensors", "method": avg.method,
+                           "members": [e["lora2_digest"] for e in entries],
+                           "rank": max(average.module_ranks(avg.lora).values()),
+                           "rank_setting": rank if rank is not None else "exact",
+                           "energy_kept": avg.svd.energy if avg.svd else 1.0}
+                index = {"metadata": str(args.metadata), "axis": args.axis or rows[0].get("axis", ""),
+                         "base": str(args.base), "config": dataclasses.asdict(cfg), "pairs": entries,
+                         "average": summary, **({"processes": group.processes} if group.processes > 1 else {})}
+                (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    except distributed.PeerFailedError as e:
+        raise UserError(str(e)) from None
     print(average.format_report(avg))
-    print(f"wrote {len(rows)} pairs (pair_000 ...), average.safetensors and index.json in {args.out}")
+    print(f"wrote {len(rows)} pairs (pair_000 ...), average.safetensors and index.json in {args.out}"
+          + (f" ({group.processes} processes)" if group.processes > 1 else ""))
 
 
 def _add_average_parsers(sub, common) -> None:
@@ -342,7 +382,11 @@ def _add_average_parsers(sub, common) -> None:
     common(p, base=False)
     p.set_defaults(func=cmd_average)
 
-    p = sub.add_parser("pairs", help="train LoRA 1 and 2 for every pair of a metadata file; average the LoRA 2s")
+    p = sub.add_parser("pairs", help="train LoRA 1 and 2 for every pair of a metadata file; average the LoRA 2s",
+                       epilog="Several GPUs: accelerate launch --multi_gpu --num_processes N -m difflora_kit.cli "
+                              "pairs ... (or torchrun --nproc-per-node N -m difflora_kit.cli pairs ...): process k "
+                              "trains the pairs i with i % N == k, the main process averages; same result as one "
+                              "process.")
     p.add_argument("metadata", type=Path, help="pairs metadata.jsonl (image1, image2, prompt[, axis])")
     p.add_argument("--out", type=Path, required=True, help="DIR: pair_XXX/lora1|lora2.safetensors, average.safetensors, index.json")
     p.add_argument("--axis", default=None, help="only the pairs of this axis (needed when the file holds several)")
@@ -417,6 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
         common(p)
         p.set_defaults(func=func)
 
+    p = sub.add_parser("plan", help="predicted peak GPU memory of step 1 and step 2, by component")
+    p.add_argument("--base", default="sdxl", help="sd15, sdxl (public configs), toy, a model folder or a hub id")
+    p.add_argument("--resolution", type=int, default=None, help="training image size in pixels (default: the base's own)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="compute dtype: bf16 on sm80+ (A100, RTX 30xx/40xx), fp16 on a T4 (sm75)")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GiB of your GPU: says whether it fits, and what to lower")
+    p.add_argument("--keep-encoders", action="store_true", help="count the text encoders and VAE as kept on the GPU")
+    _add_dataclass_flags(p, TrainConfig, skip=("seed", "lr", "steps", "checkpoint_every", "preset_scale"))
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("convert", help="a LoRA in other keys: kohya (ComfyUI, A1111) or the kit's diffusers keys")
     p.add_argument("lora", type=Path)
     p.add_argument("--to", choices=("kohya", "diffusers"), required=True)
@@ -454,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     from .files import OutputExistsError
     from .images import ImageInputError
     from .lora import LoraMismatchError
+    from .plan import OutOfMemoryAdvice
     from .train import NonFiniteLossError
 
     with warnings.catch_warnings():
@@ -461,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = lambda msg, *a, **k: print(f"difflora: note: {msg}", file=sys.stderr)
         try:
             args.func(args)
-        except (UserError, OutputExistsError, ImageInputError, LoraMismatchError, NonFiniteLossError,
+        except (UserError, OutputExistsError, ImageInputError, LoraMismatchError, NonFiniteLossError, OutOfMemoryAdvice,
                 FileNotFoundError, NotImplementedError, ValueError) as e:
             print(f"difflora: error: {e}", file=sys.stderr)
             return 2

@@ -40,6 +40,9 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (0 = never); `--resume` continues from it."""
     preset_mode: str = "fuse"
     """How the preset LoRA enters the base in step 2: fuse | requant | adapter (difflora_kit.preset)."""
+    gradient_checkpointing: bool = False
+    """Recompute the denoiser's blocks in the backward pass instead of keeping their activations:
+    less memory (`difflora plan` shows how much), slower steps (each block runs forward twice)."""
 
     def __post_init__(self):
         self.targets = tuple(self.targets)

@@ -26,6 +26,17 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0
 )
 
 UNET_CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
+
+# The other components, for the memory plan (parameter counts checked: 123.06M, 694.66M, 83.65M).
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,  # openai/clip-vit-large-patch14
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,  # OpenCLIP ViT-bigG/14
+              num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+TEXT_ENCODERS = {"sd15": [("CLIPTextModel", CLIP_L)],
+                 "sdxl": [("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G)]}
+SD_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+              block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+TEXT_TOKENS = 77
 LATENT_CHANNELS, VAE_SCALE = 4, 8  # the SD VAE: 8x smaller, 4 channels
 
 

@@ -13,11 +13,14 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import backends, lora, quant
 from .config import TrainConfig
 from .images import check_pair, image_digest
+from .plan import DTYPE_NAMES, explain_out_of_memory
 from .preset import apply_preset
+from .sd_backend import compute_dtype
 from .train import TrainResult, train_lora
 
 
@@ -38,7 +41,15 @@ def train_stage(image: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Pa
     `checkpoint`/`resume`: see train.train_lora."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: give the caption of the image, e.g. --prompt 'a red circle on a blue background'")
-    backend = prepare_base(base, cfg, preset)
+    plan_args = {"base": base, "resolution": image.shape[0], "cfg": cfg,
+                 "dtype": DTYPE_NAMES[compute_dtype("cuda" if torch.cuda.is_available() else "cpu")]}
+    with explain_out_of_memory(plan_args):  # a GPU out of memory: what to lower, with the plan's figures
+        backend = prepare_base(base, cfg, preset)
+        plan_args["dtype"] = DTYPE_NAMES.get(backend.unet.dtype, "fp32")
+        return _train(backend, image, prompt, cfg, base, preset, progress, checkpoint, resume)
+
+
+def _train(backend, image, prompt, cfg, base, preset, progress, checkpoint, resume) -> TrainResult:
     meta = {"stage": 2 if preset is not None else 1, "base": str(base), "base_digest": backends.base_digest(base),
             "prompt": prompt, "image_digest": image_digest(image),
             "preset_digest": preset.digest() if preset is not None else "", "preset_scale": cfg.preset_scale if preset else "",

@@ -19,21 +19,53 @@ from torch import nn
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an eval-mode cast warning on every call
 
 
+class FrozenInt8Matmul(torch.autograd.Function):
+    """y = x @ W.T + b for a frozen row-wise int8 weight W ~= CB * SCB[:, None] / 127, keeping nothing
+    of x for the backward pass: with W frozen, dL/dx = dL/dy @ W needs only W.
+
+    bitsandbytes' own matmul keeps x as a plain attribute of its autograd context whenever x needs a
+    gradient (for a weight gradient that a frozen base never needs); outside autograd's saved tensors,
+    so gradient checkpointing cannot drop it either. Under a LoRA that is one more copy of every
+    linear's input for the whole forward pass (difflora_kit.plan counts the difference).
+
+        x (..., in) -> y (..., out); CB int8 (out, in); SCB fp32 (out,); bias (out,) or None, frozen
+    The arithmetic is bitsandbytes' own: on CUDA its int8 matmul (activations quantized row-wise to
+    int8, int32 accumulate, scaled back), elsewhere its weight-only path (dequantize, then a float
+    matmul), op for op, so outputs equal Linear8bitLt's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, CB, SCB, bias):
+        ctx.save_for_backward(CB, SCB)  # the weight: nothing of x
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        if x.device.type == "cuda":
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+            CA, SCA, _ = bnb.functional.int8_vectorwise_quant(x2.to(torch.float16))
+            y = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=x.dtype)  # (N, out)
+            return y.reshape(*x.shape[:-1], CB.shape[0])
+        W = CB.to(x.dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
+        return torch.nn.functional.linear(x, W, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        CB, SCB = ctx.saved_tensors
+        W = CB.to(ctx.x_dtype, copy=True).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
+        grad_x = torch.matmul(grad_y.to(ctx.x_dtype), W).reshape(ctx.x_shape)  # (..., in)
+        return grad_x, None, None, None
+
+
 class Int8Linear(bnb.nn.Linear8bitLt):
-    """bitsandbytes' Linear8bitLt (int8 weights, threshold 0) that computes the same way in train and
-    eval mode. On CPU bitsandbytes multiplies with the dequantized weights in train mode but quantizes
-    the activations to int8 in eval mode, so a model sampled after `.eval()` differed from the model
-    it was trained as; here the CPU always takes the training (weight-only) path. On CUDA both modes
-    are bitsandbytes' int8 matmul, unchanged. peft sees a Linear8bitLt and wraps it as usual."""
+    """bitsandbytes' Linear8bitLt (int8 weights, threshold 0) for a frozen base:
+    - it computes the same in train and eval mode (on CPU bitsandbytes multiplies with the dequantized
+      weights in train mode but quantizes the activations to int8 in eval mode, so a model sampled
+      after `.eval()` differed from the model it was trained as);
+    - it keeps nothing of its input for the backward pass (FrozenInt8Matmul).
+    peft sees a Linear8bitLt and wraps it as usual; the weight and bias never get gradients."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return super().forward(x)
         if self.weight.CB is not None:
-            self.init_8bit_state()
+            self.init_8bit_state()  # bitsandbytes moves CB/SCB from the weight to self.state
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        self.state.is_training = True  # bnb.matmul -> MatMul8bitFp: x @ (CB * SCB / 127).T
-        return bnb.matmul(x, self.weight, bias=bias, state=self.state)
+        return FrozenInt8Matmul.apply(x, self.state.CB, self.state.SCB, bias)
 
 
 def quantize_linears(module: nn.Module) -> nn.Module:

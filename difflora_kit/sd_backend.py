@@ -89,6 +89,21 @@ class StableDiffusionBackend:
     def dtype(self) -> torch.dtype:
         return self.vae.dtype
 
+    def offload_encoders(self) -> None:
+        """Move the text encoders and the VAE to the CPU while the denoiser trains (their outputs are
+        cached); each comes back to the device on its next use. No-op on a CPU backend."""
+        if self.device.type == "cpu":
+            return
+        for module in (self.vae, *self.text_encoders):
+            module.to("cpu")
+        torch.cuda.empty_cache()
+
+    def _here(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module`, on the backend's device (after offload_encoders)."""
+        if next(module.parameters()).device != self.device:
+            module.to(self.device)
+        return module
+
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_one(self, prompt: str) -> torch.Tensor:
@@ -97,7 +112,7 @@ class StableDiffusionBackend:
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-            out = encoder(ids, output_hidden_states=True)
+            out = self._here(encoder)(ids, output_hidden_states=True)
             if self.family == "sd15":
                 hidden.append(out.last_hidden_state[0])  # (77, 768)
             else:
@@ -121,13 +136,13 @@ class StableDiffusionBackend:
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         """[N, H, W, 3] in [0, 1] -> latents (N, 4, H/8, W/8): the posterior mean, scaled."""
         x = torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2).to(self.device, self.dtype) * 2 - 1
-        latents = self.vae.encode(x).latent_dist.mean
+        latents = self._here(self.vae).encode(x).latent_dist.mean
         return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """latents (N, 4, h, w) -> [N, 8h, 8w, 3] float32 in [0, 1]."""
-        images = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
+        images = self._here(self.vae).decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
         return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
     @property

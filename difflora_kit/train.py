@@ -48,11 +48,13 @@ def stratified_timesteps(batch: int, num_train: int, generator: torch.Generator)
 
 
 def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: dict | None = None,
-               progress: bool = True, checkpoint: Path | None = None, resume: bool = False) -> TrainResult:
+               progress: bool = True, checkpoint: Path | None = None, resume: bool = False,
+               on_step=None) -> TrainResult:
     """Train a LoRA on one image [H, W, 3] in [0, 1]; the backend's denoiser gets (and keeps) the adapter.
 
     With `checkpoint` and cfg.checkpoint_every > 0, the state is written there every that many steps;
-    `resume` continues from it when it exists (same result, bit for bit on a CPU)."""
+    `resume` continues from it when it exists (same result, bit for bit on a CPU).
+    `on_step(step, loss)` is called after each optimizer step (step counts from 1)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # peft's A init
     params = lora.attach(backend.unet, cfg.rank, cfg.alpha, cfg.targets, ADAPTER)
@@ -61,6 +63,10 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     x0 = backend.encode_images(image[None]).expand(cfg.batch, -1, -1, -1)  # (B, C, H, W), cached once
     states = backend.encode_prompts([prompt]).expand(cfg.batch, -1, -1)  # (B, T, D), cached once
+    if hasattr(backend, "offload_encoders"):
+        backend.offload_encoders()  # a GPU keeps only the denoiser while training (back on first use)
+    if cfg.gradient_checkpointing:
+        backend.unet.enable_gradient_checkpointing()
     scheduler = backend.scheduler
     losses, step_seconds, started, first = [], [], time.time(), 0
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
@@ -85,11 +91,15 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
         step_seconds.append(time.time() - started - sum(step_seconds))
         if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
                 and step + 1 < cfg.steps:
             checkpoints.save(checkpoint, named, optimizer, step + 1, generator, losses, run)
     backend.unet.eval()
+    if cfg.gradient_checkpointing:
+        backend.unet.disable_gradient_checkpointing()
     tensors, config = lora.adapter_state(backend.unet, ADAPTER)
     info = {"rank": cfg.rank, "alpha": cfg.alpha, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
             "eight_bit": cfg.eight_bit, **(meta or {})}

@@ -66,3 +66,29 @@ def test_int8_linear_computes_the_same_in_train_and_eval_mode():
     outs = [net.train(mode)(x) for mode in (True, False, True)]
     for out in outs:
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_keeps_nothing_of_its_input_and_matches_bitsandbytes():
+    """Same output and input gradient as bitsandbytes' Linear8bitLt (bit for bit on CPU), but the
+    input is not held for the backward pass (bitsandbytes holds it; a frozen weight never needs it)."""
+    import bitsandbytes as bnb
+
+    from difflora_kit.quant import quantize_linears
+
+    torch.manual_seed(0)
+    ours = quantize_linears(torch.nn.Sequential(torch.nn.Linear(64, 48)))[0]
+    theirs = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, threshold=0.0)
+    theirs.weight = bnb.nn.Int8Params(ours.weight.data.clone(), requires_grad=False, has_fp16_weights=False,
+                                      CB=ours.weight.CB.clone(), SCB=ours.weight.SCB.clone())
+    theirs.bias = torch.nn.Parameter(ours.bias.detach().clone(), requires_grad=False)
+    x = (torch.randn(2, 7, 64) * 3).requires_grad_(True)
+    grad = torch.randn(2, 7, 48)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t, lambda t: t):
+        y = ours(x)
+    assert x.untyped_storage().data_ptr() not in saved
+    (gx,) = torch.autograd.grad(y, x, grad)
+    y_ref = theirs.train()(x)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, grad)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)

@@ -1,0 +1,166 @@
+"""`difflora plan`: the predicted memory of a training step, checked against the real thing.
+
+Weights and LoRA are counted exactly (compared with the loaded, quantized model). Activations are
+predicted on the meta device; here they are checked against the memory a real training step of the
+kit takes on this CPU (peak RSS of a fresh process, with glibc returning every large block at
+free: MALLOC_MMAP_THRESHOLD_), for a mid-size SD-1.5-like denoiser, with and without gradient
+checkpointing. A GPU check of the same (torch.cuda.max_memory_allocated) is bench/gpu_memory.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from difflora_kit import cli, lora, pair, plan, quant
+from difflora_kit.config import TrainConfig
+from difflora_kit.demo import DEFAULT_PAIRS
+from difflora_kit.tiny_models import make_tiny_pipeline
+
+MID_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                attention_head_dim=8, norm_num_groups=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    return {family: make_tiny_pipeline(family, root / family) for family in ("sd15", "sdxl")}
+
+
+@pytest.fixture(scope="module")
+def mid_folder(tmp_path_factory, tiny_folders):
+    """The tiny SD 1.5 pipeline with a bigger denoiser (256 px images, 32x32 latents): activations of
+    a few hundred MB, enough to measure in a process' RSS."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("plan_mid") / "mid_sd15"
+    shutil.copytree(tiny_folders["sd15"], folder)
+    shutil.rmtree(folder / "unet")
+    torch.manual_seed(0)
+    cross = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+    UNet2DConditionModel(**MID_UNET, cross_attention_dim=cross).save_pretrained(folder / "unet", safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("eight_bit", [True, False])
+def test_weights_and_lora_are_counted_exactly(tiny_folders, family, eight_bit):
+    cfg = TrainConfig(eight_bit=eight_bit)
+    predicted = plan.plan_memory(tiny_folders[family], None, cfg, "fp32").step1.components
+    backend = pair.prepare_base(tiny_folders[family], cfg)  # what training loads: 8-bit linears, the rest fp32
+    real = quant.weight_bytes(backend.unet)["total"] + sum(b.numel() * b.element_size() for b in backend.unet.buffers())
+    weights = [v for k, v in predicted.items() if k.startswith("denoiser weights")]
+    assert weights == [real]
+    n = sum(p.numel() for p in lora.attach(backend.unet, cfg.rank, cfg.alpha, cfg.targets))
+    assert predicted["LoRA parameters (fp32)"] == 4 * n and predicted["AdamW moments (fp32)"] == 8 * n
+
+
+def test_adapter_mode_counts_the_frozen_preset(tiny_folders):
+    p = plan.plan_memory(tiny_folders["sd15"], None, TrainConfig(preset_mode="adapter"), "fp32")
+    assert "preset LoRA, frozen adapter (fp32)" not in p.step1.components
+    assert p.step2.components["preset LoRA, frozen adapter (fp32)"] == p.step1.components["LoRA parameters (fp32)"]
+    assert p.step2.peak > p.step1.peak
+
+
+MEASURE = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from difflora_kit import pair, train
+from difflora_kit.config import TrainConfig
+from difflora_kit.demo import DEFAULT_PAIRS
+
+def kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+cfg = TrainConfig(**json.loads(sys.argv[2]))
+backend = pair.prepare_base(sys.argv[1], cfg)
+image = np.full((256, 256, 3), 0.5, np.float32)
+before = {}
+
+def after(step, loss):  # the last step is measured: from the end of the one before it
+    if step == cfg.steps - 1:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before["rss"] = kib("VmRSS")
+
+train.train_lora(backend, image, "a photo", cfg, progress=False, on_step=after)
+print("RESULT", json.dumps({"step_peak": kib("VmHWM") - before["rss"]}))
+"""
+
+
+def measured_step_peak(folder, cfg: TrainConfig) -> int:
+    """Bytes the last step of a real training run (train.train_lora) adds to the process at its peak,
+    on this CPU, above what the step before it left (the LoRA, its gradients, AdamW's moments)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    settings = {"steps": cfg.steps, "batch": cfg.batch, "gradient_checkpointing": cfg.gradient_checkpointing}
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder), json.dumps(settings)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])["step_peak"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_predicted_step_memory_matches_a_real_training_run(mid_folder, checkpointing):
+    cfg = TrainConfig(steps=2, batch=8, gradient_checkpointing=checkpointing)
+    c = plan.plan_memory(mid_folder, 256, cfg, "fp32").step1.components
+    predicted = c["activations kept for backward"] + c["backward workspace (estimate)"]
+    measured = measured_step_peak(mid_folder, cfg)
+    print(f"checkpointing={checkpointing}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    assert c["activations kept for backward"] > 50 * 2**20  # big enough to measure
+    assert 0.85 * measured <= predicted <= 1.35 * measured  # measured here: +8% without, +25% with checkpointing
+
+
+def test_checkpointing_trains_the_same_lora():
+    from difflora_kit.images import load_image
+    from difflora_kit.toy import pairs
+
+    row = pairs.read_pairs(DEFAULT_PAIRS)[0]
+    image = load_image(row["image2"], 32)
+    runs = [pair.train_stage(image, row["prompt"], TrainConfig(steps=3, gradient_checkpointing=gc), progress=False)
+            for gc in (False, True)]
+    np.testing.assert_allclose(runs[0].losses, runs[1].losses, rtol=1e-5)
+    for k, v in runs[0].lora.tensors.items():
+        torch.testing.assert_close(runs[1].lora.tensors[k], v, rtol=1e-5, atol=1e-7)
+
+
+def test_plan_command_says_what_to_lower(capsys):
+    assert cli.main(["plan", "--base", "sd15", "--resolution", "512", "--batch", "2", "--gpu-memory", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| activations kept for backward |" in out and "does NOT fit" in out
+    assert "--gradient-checkpointing:" in out and "--batch 1 (now 2):" in out
+
+
+def test_plan_refuses_a_resolution_the_unet_cannot_take(capsys):
+    assert cli.main(["plan", "--base", "sd15", "--resolution", "500"]) == 2
+    err = capsys.readouterr().err
+    assert "multiple of 64" in err and "512" in err
+
+
+def test_out_of_memory_is_answered_with_what_to_lower(tmp_path, monkeypatch, capsys):
+    from difflora_kit.toy import pairs
+    from difflora_kit.toy.backend import ToyBackend
+
+    def out_of_memory(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ToyBackend, "denoiser", out_of_memory)
+    row = pairs.read_pairs(DEFAULT_PAIRS)[0]
+    out = tmp_path / "lora.safetensors"
+    code = cli.main(["train", str(row["image1"]), "--prompt", row["prompt"], "--out", str(out), "--steps", "3",
+                     "--checkpoint-every", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "ran out of memory" in err and "Tried to allocate 2.00 GiB" in err and "Predicted peak" in err
+    assert "--gradient-checkpointing:" in err and "--batch 1 (now 8):" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no checkpoint
