@@ -48,21 +48,27 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gates", default="0,0.25,0.5")
     parser.add_argument("--pair", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the sweeps run (cuda: the GPU figure; training stays on the CPU)")
+    parser.add_argument("--name", default="sweep_speed", help="results file name under bench/results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     row = read_pairs(DEFAULT_PAIRS)[args.pair]
     pair = train_pair(load_image(row["image1"]), load_image(row["image2"]), row["prompt"], TrainConfig(), progress=False)
-    plain = prepare_base("toy", TrainConfig())
+    plain = prepare_base("toy", TrainConfig(), device=args.device)
     cfg = SampleConfig()
     prompt = [row["prompt"]]
 
     def batched():
         sample.sweep(plain, pair.lora2, prompt, SEEDS, STRENGTHS, cfg)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     def per_strength():
         for s in STRENGTHS:
             sample.sweep(plain, pair.lora2, prompt, SEEDS, [s], cfg)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     batched()  # warm-up (first-call allocations)
     times = {"batched": [], "per_strength": []}
@@ -99,7 +105,7 @@ def main(argv=None) -> None:
                      f"{g['content_kept'][2]:.0%} |")
     table = "\n".join(lines)
     print(table)
-    write_result("sweep_speed", {"times": times, "median": med, "speedup": speedup, "gates": gates,
+    write_result(args.name, {"times": times, "median": med, "speedup": speedup, "gates": gates,
                                  "strengths": STRENGTHS, "seeds": SEEDS, "pair": row}, table)
 
 

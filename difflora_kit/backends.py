@@ -72,10 +72,10 @@ def sample_size(base: str | Path = "toy") -> int:
 
 def load_backend(base: str | Path = "toy", device: str | None = None):
     """A fresh, full-precision backend for `base` (each call reloads: training modifies the denoiser).
-    SD backends go to `device` (default: CUDA when available)."""
+    SD backends go to `device` (default: CUDA when available); the toy to `device` (default: the CPU)."""
     kind = check_supported(base)
-    if kind == FAMILY:
-        return ToyBackend.load(resolve(base))
+    if kind == FAMILY:  # the toy stays on the CPU unless a device is named (it is small: a GPU gains little)
+        return ToyBackend.load(resolve(base)).to(device or "cpu")
     from .sd_backend import StableDiffusionBackend
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,9 +24,10 @@ from .sd_backend import compute_dtype
 from .train import TrainResult, train_lora
 
 
-def prepare_base(base: str | Path, cfg: TrainConfig, preset: lora.LoraFile | None = None):
-    """Load a fresh base; apply the preset LoRA (if any) the way cfg.preset_mode says; 8-bit linears if cfg.eight_bit."""
-    backend = backends.load_backend(base)
+def prepare_base(base: str | Path, cfg: TrainConfig, preset: lora.LoraFile | None = None, device: str | None = None):
+    """Load a fresh base (on `device`: backends.load_backend's default when None); apply the preset
+    LoRA (if any) the way cfg.preset_mode says; 8-bit linears if cfg.eight_bit."""
+    backend = backends.load_backend(base, device)
     if preset is not None:
         apply_preset(backend.unet, preset, cfg.preset_scale, cfg.preset_mode, cfg.eight_bit)
     elif cfg.eight_bit:

@@ -35,7 +35,7 @@ def per_sample_strength(unet: torch.nn.Module, adapter: str, strengths: torch.Te
     def hook(module, inputs, output):
         n = output.shape[0]
         s = strengths.repeat(n // strengths.shape[0]) if n != strengths.shape[0] else strengths  # (n,)
-        return output * s.to(output.dtype).view(n, *([1] * (output.ndim - 1)))
+        return output * s.to(output.device, output.dtype).view(n, *([1] * (output.ndim - 1)))
 
     handles = [layer.lora_B[adapter].register_forward_hook(hook)
                for layer in unet.modules() if isinstance(layer, LoraLayer) and adapter in layer.lora_B]

@@ -36,7 +36,16 @@ class ToyBackend:
         self.scheduler = scheduler
         self.name = name
         self.info = info or {}
+        self.device = torch.device("cpu")
         self._state_cache: dict[str, torch.Tensor] = {}
+
+    def to(self, device: str | torch.device) -> "ToyBackend":
+        """Move the denoiser and the text encoder (fp32: the toy is small) to `device`."""
+        self.device = torch.device(device)
+        self.unet.to(self.device)
+        self.text_encoder.to(self.device)
+        self._state_cache = {k: v.to(self.device) for k, v in self._state_cache.items()}
+        return self
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -71,15 +80,14 @@ class ToyBackend:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._state_cache]
         if missing:
             ids = self.tokenizer(missing, padding="max_length", max_length=model.MAX_TOKENS,
-                                 truncation=True, return_tensors="pt").input_ids
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
             for p, s in zip(missing, self.text_encoder(ids).last_hidden_state):
                 self._state_cache[p] = s
         return torch.stack([self._state_cache[p] for p in prompts])
 
-    @staticmethod
-    def encode_images(images: np.ndarray) -> torch.Tensor:
-        """[N, H, W, 3] in [0, 1] -> latents (N, 3, H, W) in [-1, 1]."""
-        return torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2) * 2 - 1
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """[N, H, W, 3] in [0, 1] -> latents (N, 3, H, W) in [-1, 1], on the backend's device."""
+        return (torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2) * 2 - 1).to(self.device)
 
     @staticmethod
     def decode(latents: torch.Tensor) -> np.ndarray:
@@ -98,7 +106,7 @@ class ToyBackend:
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 2.0,
                  rescale: float = 0.7, on_step=None) -> np.ndarray:
         """One image per (prompt, seed) pair: [N, H, W, 3] in [0, 1]."""
-        noise = diffusion.start_noise(seeds, self.latent_shape)
+        noise = diffusion.start_noise(seeds, self.latent_shape).to(self.device)  # drawn on the CPU: same on any device
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""] * len(prompts))
         sampler = model.sampling_scheduler(self.scheduler)
