@@ -17,23 +17,30 @@ from .sd_backend import FAMILIES as SD_FAMILIES
 from .toy.backend import DEFAULT_FOLDER, FAMILY, ToyBackend
 
 
-def _from_hub(repo_id: str) -> Path | None:
-    """The local snapshot of a hub model (fetched when online), or None."""
+def _from_hub(repo_id: str, configs_only: bool = False) -> Path | None:
+    """The local snapshot of a hub model (fetched when online), or None. Only the pipeline's own
+    components are fetched (model_index.json names them: no single-file checkpoints at the root,
+    no safety checker, no fp16/EMA duplicates); `configs_only`: their JSON and text files alone."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-                                      ignore_patterns=["*.fp16.safetensors", "*ema*"]))
+        index = Path(snapshot_download(repo_id, allow_patterns=["model_index.json"])) / "model_index.json"
+        parts = [k for k, v in json.loads(index.read_text()).items()
+                 if isinstance(v, list) and k not in ("safety_checker", "feature_extractor", "image_encoder")]
+        kinds = ["json", "txt"] if configs_only else ["json", "txt", "safetensors", "model"]
+        return Path(snapshot_download(repo_id, allow_patterns=["model_index.json"] + [f"{p}/*.{k}" for p in parts for k in kinds],
+                                      ignore_patterns=["*.fp16.safetensors", "*ema*", "*non_ema*"]))
     except Exception:  # offline and not cached, no such repo, no network: the caller explains
         return None
 
 
-def resolve(base: str | Path = "toy") -> Path:
+def resolve(base: str | Path = "toy", configs_only: bool = False) -> Path:
+    """The local folder of `base`; a hub id is fetched (only its configs with `configs_only`)."""
     if str(base) == "toy":
         return DEFAULT_FOLDER
     path = Path(base)
     if not path.exists() and str(base).count("/") == 1 and not str(base).startswith((".", "/")):
-        path = _from_hub(str(base)) or path
+        path = _from_hub(str(base), configs_only) or path
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"--base {base}: not a model folder (no model_index.json there), nor a hub model available here. "
@@ -43,7 +50,7 @@ def resolve(base: str | Path = "toy") -> Path:
 
 
 def family(base: str | Path = "toy") -> str:
-    index = json.loads((resolve(base) / "model_index.json").read_text())
+    index = json.loads((resolve(base, configs_only=True) / "model_index.json").read_text())
     if "family" in index:
         return index["family"]
     return SD_FAMILIES.get(index.get("_class_name", ""), index.get("_class_name", "unknown"))

@@ -66,7 +66,7 @@ def describe(base: str | Path) -> ModelShapes:
                            dict(model_configs.SD_VAE), model_configs.TEXT_TOKENS, model_configs.VAE_SCALE)
     from . import backends
 
-    kind, folder = backends.check_supported(base), backends.resolve(base)
+    kind, folder = backends.check_supported(base), backends.resolve(base, configs_only=True)  # no weights fetched
     unet = dict(UNet2DConditionModel.load_config(folder / "unet"))
     read = lambda sub: json.loads((folder / sub / "config.json").read_text())  # noqa: E731
     encoders = [(read(sub).get("architectures", ["CLIPTextModel"])[0], read(sub))
@@ -378,8 +378,9 @@ def advice(plan: MemoryPlan) -> list[str]:
                       min(r for _, _, r in tries)))
     for text, change, resolution in tries:
         other = plan_memory(plan.base, resolution, dataclasses.replace(c, **change), plan.dtype, plan.offload_encoders)
-        out.append((other.peak, f"{text}: {other.peak / GiB:.2f} GiB"))
-    return [text for _, text in sorted(out)]
+        step = max(other.step1.peak, other.step2.peak)
+        out.append((other.peak, step, f"{text}: {other.peak / GiB:.2f} GiB (training steps {step / GiB:.2f})"))
+    return [text for *_, text in sorted(out)]
 
 
 @contextlib.contextmanager

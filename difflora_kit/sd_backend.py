@@ -67,7 +67,10 @@ class StableDiffusionBackend:
         dtype = dtype or compute_dtype(device)
         common = {"torch_dtype": dtype, "use_safetensors": True}
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", **common)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", **common)
+        vae_dtype = dtype
+        if dtype == torch.float16 and AutoencoderKL.load_config(folder / "vae").get("force_upcast", False):
+            vae_dtype = torch.float32  # SDXL's VAE overflows in fp16 (NaN latents): diffusers upcasts it too
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype, use_safetensors=True)
         encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", **common)]
         tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer")]
         if family == "sdxl":

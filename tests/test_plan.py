@@ -164,3 +164,29 @@ def test_out_of_memory_is_answered_with_what_to_lower(tmp_path, monkeypatch, cap
     assert "ran out of memory" in err and "Tried to allocate 2.00 GiB" in err and "Predicted peak" in err
     assert "--gradient-checkpointing:" in err and "--batch 1 (now 8):" in err
     assert list(tmp_path.iterdir()) == []  # nothing written, no checkpoint
+
+
+def test_a_hub_model_is_planned_from_its_configs_alone(tiny_folders, monkeypatch):
+    """`difflora plan --base owner/name` fetches JSON and text files only, and only the pipeline's
+    own components (no safety checker); loading fetches their weights, still no safety checker."""
+    import huggingface_hub
+
+    from difflora_kit import backends
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, **kwargs):
+        calls.append(list(allow_patterns or []))
+        return str(tiny_folders["sd15"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    index = json.loads((tiny_folders["sd15"] / "model_index.json").read_text())
+    assert "safety_checker" in index  # the pipeline names one (None here); it must not be fetched
+    p = plan.plan_memory("someone/tiny-sd15", None, TrainConfig(), "fp32")
+    assert p.step1.peak > 0
+    fetched = [pattern for call in calls[1:] for pattern in call]
+    assert "unet/*.json" in fetched and "text_encoder/*.json" in fetched
+    assert not [f for f in fetched if f.endswith((".safetensors", ".bin")) or f.startswith("safety_checker")]
+    calls.clear()
+    backends.resolve("someone/tiny-sd15")
+    assert "unet/*.safetensors" in calls[-1] and not [f for f in calls[-1] if f.startswith("safety_checker")]
