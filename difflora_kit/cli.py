@@ -109,18 +109,23 @@ def cmd_plan(args) -> None:
 
 
 def _sample_cfg(args) -> SampleConfig:
+    """The base's family defaults (config.sample_defaults), with the flags given on top."""
+    from . import backends
+    from .config import sample_defaults
+
     given = (("steps", args.sample_steps), ("guidance", args.guidance), ("rescale", args.rescale),
              ("lora_off_first", args.lora_off_first))
     try:
-        return SampleConfig(**{k: v for k, v in given if v is not None})
+        start = sample_defaults(backends.family(getattr(args, "base", "toy")))
+        return dataclasses.replace(start, **{k: v for k, v in given if v is not None})
     except ValueError as e:
         raise UserError(str(e))
 
 
 def _add_sample_flags(p):
-    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 2.0)")
-    p.add_argument("--rescale", type=float, default=None, help="guidance rescale (default 0.7)")
+    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: toy 20, SD 30)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: toy 2.0, SD 1.x 7.5, SDXL 5.0)")
+    p.add_argument("--rescale", type=float, default=None, help="guidance rescale (default: toy 0.7, SD 0)")
     p.add_argument("--lora-off-first", type=float, default=None,
                    help="start-noise gate: fraction of the first sampling steps without the LoRA (default 0)")
 

@@ -86,3 +86,14 @@ class SampleConfig:
             raise ValueError(f"lora_off_first is a fraction of the steps, in [0, 1]; got {self.lora_off_first!r}")
         if self.guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {self.guidance!r}")
+
+
+# Sampling defaults by model family: the toy's were tuned on the toy (v-prediction, guidance rescale);
+# SD 1.x and SDXL take diffusers' pipeline defaults for guidance (7.5 and 5.0), no rescale.
+_SAMPLE_DEFAULTS = {"sd15": dict(steps=30, guidance=7.5, rescale=0.0), "sdxl": dict(steps=30, guidance=5.0, rescale=0.0)}
+
+
+def sample_defaults(family: str) -> SampleConfig:
+    """The SampleConfig a family samples with unless told otherwise (the toy: SampleConfig())."""
+    return SampleConfig(**_SAMPLE_DEFAULTS.get(family, {}))
+

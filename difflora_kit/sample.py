@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
 
-from .config import SampleConfig
+from .config import SampleConfig, sample_defaults
 from .lora import PREFIX, LoraFile
 from .preset import active_presets
 
@@ -77,14 +77,16 @@ def start_noise_gate(wanted: torch.Tensor, live: torch.Tensor, cfg: SampleConfig
 
 
 def sweep(backend, lora: LoraFile | None, prompts: list[str], seeds: list[int], strengths: list[float],
-          cfg: SampleConfig = SampleConfig(), max_batch: int = 96) -> np.ndarray:
+          cfg: SampleConfig | None = None, max_batch: int = 96) -> np.ndarray:
     """Images for every (prompt, seed, strength): [P, S, K, H, W, 3] in [0, 1].
 
     Strength s applies base + s * LoRA. The start noise depends only on the seed, so every
     strength of a (prompt, seed) starts from the same noise. Batches of at most `max_batch`.
+    cfg None: the defaults of the base's family (config.sample_defaults).
     """
     if not prompts or not seeds or not strengths:
         raise ValueError("a sweep needs at least one prompt, one seed and one strength")
+    cfg = cfg or sample_defaults(getattr(backend, "family", ""))  # None: the base family's defaults
     combos = list(itertools.product(range(len(prompts)), seeds, strengths))
     images = []
     with contextlib.ExitStack() as stack:

@@ -18,7 +18,7 @@ import ipywidgets as W
 import numpy as np
 
 from . import average, evaluate, lora as lora_io, plots, sample
-from .config import SampleConfig
+from .config import SampleConfig, sample_defaults
 from .lora import LoraFile
 from .toy import judge, world
 from .toy.backend import FAMILY as TOY_FAMILY
@@ -89,7 +89,7 @@ class StrengthSlider(_Displayed):
         if 0.0 not in self.strengths:
             raise ValueError("strengths must include 0: the base image every strength is compared to")
         self.backend, self.lora, self.scale = backend, lora, scale
-        self.sample_cfg = sample_cfg or SampleConfig()
+        self.sample_cfg = sample_cfg or sample_defaults(getattr(backend, "family", ""))
         self.zero = self.strengths.index(0.0)
 
         self.slider = W.SelectionSlider(options=[(f"{s:g}", s) for s in self.strengths],
@@ -164,7 +164,7 @@ class Averager(_Displayed):
         self.backend, self.axis, self.scale = backend, axis, scale
         self.scenes = scenes or evaluate.other_prompts(2)
         self.seeds = [int(s) for s in seeds]
-        self.sample_cfg = sample_cfg or SampleConfig()
+        self.sample_cfg = sample_cfg or sample_defaults(getattr(backend, "family", ""))
         self.result: LoraFile | None = None
         self.scores: dict = {}
         self.effect: dict | None = None

@@ -42,3 +42,21 @@ def test_a_gate_outside_0_1_is_refused(capsys, tmp_path):
     code = cli.main(["sample", "--prompt", "a red circle on a blue background", "--out", str(tmp_path / "g.png"),
                      "--lora-off-first", "-0.1"])
     assert code == 2 and "lora_off_first" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
+
+
+def test_sampling_defaults_follow_the_base_family(tmp_path):
+    """The toy keeps its tuned settings; SD 1.x and SDXL get diffusers' guidance (7.5, 5.0), no
+    rescale; the CLI's flags go on top."""
+    import argparse
+
+    from difflora_kit import cli
+    from difflora_kit.config import SampleConfig, sample_defaults
+    from difflora_kit.tiny_models import make_tiny_pipeline
+
+    assert sample_defaults("difflora-toy") == SampleConfig()
+    assert (sample_defaults("sd15").guidance, sample_defaults("sdxl").guidance) == (7.5, 5.0)
+    folder = make_tiny_pipeline("sdxl", tmp_path / "sdxl")
+    flags = dict(sample_steps=None, guidance=None, rescale=None, lora_off_first=0.25)
+    cfg = cli._sample_cfg(argparse.Namespace(base=str(folder), **flags))
+    assert (cfg.guidance, cfg.rescale, cfg.lora_off_first) == (5.0, 0.0, 0.25)
+    assert cli._sample_cfg(argparse.Namespace(base="toy", **{**flags, "guidance": 3.0})).guidance == 3.0
