@@ -2,15 +2,14 @@
 
 Weights and LoRA are counted exactly (compared with the loaded, quantized model). Activations are
 predicted on the meta device; here they are checked against the memory a real training step of the
-kit takes on this CPU (peak RSS of a fresh process, with glibc returning every large block at
+kit takes on this CPU (bench/plan_check.py: peak RSS of a fresh process, glibc returning every large block at
 free: MALLOC_MMAP_THRESHOLD_), for a mid-size SD-1.5-like denoiser, with and without gradient
 checkpointing. A GPU check of the same (torch.cuda.max_memory_allocated) is bench/gpu_memory.py.
 """
 
 import json
-import os
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +20,8 @@ from difflora_kit.config import TrainConfig
 from difflora_kit.demo import DEFAULT_PAIRS
 from difflora_kit.tiny_models import make_tiny_pipeline
 
-MID_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                attention_head_dim=8, norm_num_groups=32)
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import plan_check  # noqa: E402  (the benchmark's pipeline and measurement)
 
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
@@ -34,20 +30,8 @@ def tiny_folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mid_folder(tmp_path_factory, tiny_folders):
-    """The tiny SD 1.5 pipeline with a bigger denoiser (256 px images, 32x32 latents): activations of
-    a few hundred MB, enough to measure in a process' RSS."""
-    import shutil
-
-    from diffusers import UNet2DConditionModel
-
-    folder = tmp_path_factory.mktemp("plan_mid") / "mid_sd15"
-    shutil.copytree(tiny_folders["sd15"], folder)
-    shutil.rmtree(folder / "unet")
-    torch.manual_seed(0)
-    cross = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
-    UNet2DConditionModel(**MID_UNET, cross_attention_dim=cross).save_pretrained(folder / "unet", safe_serialization=True)
-    return folder
+def mid_folder(tmp_path_factory):
+    return plan_check.make_mid_pipeline(tmp_path_factory.mktemp("plan_mid") / "mid_sd15")
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -70,55 +54,14 @@ def test_adapter_mode_counts_the_frozen_preset(tiny_folders):
     assert p.step2.peak > p.step1.peak
 
 
-MEASURE = r"""
-import json, sys
-from pathlib import Path
-import numpy as np
-from difflora_kit import pair, train
-from difflora_kit.config import TrainConfig
-from difflora_kit.demo import DEFAULT_PAIRS
-
-def kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
-cfg = TrainConfig(**json.loads(sys.argv[2]))
-backend = pair.prepare_base(sys.argv[1], cfg)
-image = np.full((256, 256, 3), 0.5, np.float32)
-before = {}
-
-def after(step, loss):  # the last step is measured: from the end of the one before it
-    if step == cfg.steps - 1:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before["rss"] = kib("VmRSS")
-
-train.train_lora(backend, image, "a photo", cfg, progress=False, on_step=after)
-print("RESULT", json.dumps({"step_peak": kib("VmHWM") - before["rss"]}))
-"""
-
-
-def measured_step_peak(folder, cfg: TrainConfig) -> int:
-    """Bytes the last step of a real training run (train.train_lora) adds to the process at its peak,
-    on this CPU, above what the step before it left (the LoRA, its gradients, AdamW's moments)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    settings = {"steps": cfg.steps, "batch": cfg.batch, "gradient_checkpointing": cfg.gradient_checkpointing}
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder), json.dumps(settings)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])["step_peak"]
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_predicted_step_memory_matches_a_real_training_run(mid_folder, checkpointing):
-    cfg = TrainConfig(steps=2, batch=8, gradient_checkpointing=checkpointing)
-    c = plan.plan_memory(mid_folder, 256, cfg, "fp32").step1.components
-    predicted = c["activations kept for backward"] + c["backward workspace (estimate)"]
-    measured = measured_step_peak(mid_folder, cfg)
+    """bench/plan_check.py's measurement: the last training step's peak RSS above the step before."""
+    predicted = plan_check.predicted_step_peak(mid_folder, 8, checkpointing)
+    measured = plan_check.measured_step_peak(mid_folder, 2, 8, checkpointing)
     print(f"checkpointing={checkpointing}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
-    assert c["activations kept for backward"] > 50 * 2**20  # big enough to measure
-    assert 0.85 * measured <= predicted <= 1.35 * measured  # measured here: +8% without, +25% with checkpointing
+    assert predicted > 50 * 2**20  # big enough to measure
+    assert 0.85 * measured <= predicted <= 1.35 * measured  # measured here: +8% without, +13% with checkpointing
 
 
 def test_checkpointing_trains_the_same_lora():
