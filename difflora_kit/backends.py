@@ -2,7 +2,8 @@
 
     "toy" (default)                 -> the shipped toy model, data_samples/toy_base
     a folder with model_index.json  -> its family: "difflora-toy" (a kit-made toy model),
-                                       StableDiffusionPipeline -> "sd15", StableDiffusionXLPipeline -> "sdxl"
+                                       StableDiffusionPipeline -> "sd15", StableDiffusionXLPipeline -> "sdxl",
+                                       FluxPipeline -> "flux" (a transformer/ folder instead of unet/)
     a hub id ("owner/name")         -> the same, from huggingface_hub's cache (downloaded when online)
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .flux_backend import FAMILY as FLUX, PIPELINE as FLUX_PIPELINE
 from .sd_backend import FAMILIES as SD_FAMILIES
 from .toy.backend import DEFAULT_FOLDER, FAMILY, ToyBackend
 
@@ -53,16 +55,17 @@ def family(base: str | Path = "toy") -> str:
     index = json.loads((resolve(base, configs_only=True) / "model_index.json").read_text())
     if "family" in index:
         return index["family"]
-    return SD_FAMILIES.get(index.get("_class_name", ""), index.get("_class_name", "unknown"))
+    known = {**SD_FAMILIES, FLUX_PIPELINE: FLUX}
+    return known.get(index.get("_class_name", ""), index.get("_class_name", "unknown"))
 
 
 def check_supported(base: str | Path = "toy") -> str:
     """The family of `base`, or a clear error when this version has no backend for it."""
     kind = family(base)
-    if kind not in (FAMILY, *SD_FAMILIES.values()):
+    if kind not in (FAMILY, *SD_FAMILIES.values(), FLUX):
         raise NotImplementedError(
             f"--base {base}: model family {kind!r} has no backend in this version of difflora-kit "
-            f"(available: the toy model, Stable Diffusion 1.x (sd15) and SDXL (sdxl))."
+            f"(available: the toy model, Stable Diffusion 1.x (sd15), SDXL (sdxl) and FLUX.1 (flux))."
         )
     return kind
 
@@ -70,6 +73,8 @@ def check_supported(base: str | Path = "toy") -> str:
 def sample_size(base: str | Path = "toy") -> int:
     """The image size the base draws (pixels): training images must have it (or be resized)."""
     kind, folder = check_supported(base), resolve(base)
+    if kind == FLUX:  # the VAE's own sample_size (FLUX.1: 1024)
+        return int(json.loads((folder / "vae" / "config.json").read_text()).get("sample_size") or 1024)
     size = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
     if kind == FAMILY:
         return size  # pixel space
@@ -86,18 +91,27 @@ def load_backend(base: str | Path = "toy", device: str | None = None):
     from .sd_backend import StableDiffusionBackend
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == FLUX:
+        from .flux_backend import FluxBackend
+
+        return FluxBackend.load(resolve(base), device)
     return StableDiffusionBackend.load(resolve(base), device)
 
 
 def module_names(base: str | Path = "toy") -> list[str]:
     """Names of the denoiser's modules, from its config alone (built on the meta device: no weights)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-    check_supported(base)
-    config = UNet2DConditionModel.load_config(resolve(base) / "unet")
+    model = FluxTransformer2DModel if check_supported(base) == FLUX else UNet2DConditionModel
+    config = model.load_config(resolve(base) / denoiser_folder(base))
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+        unet = model.from_config(config)
     return [name for name, _ in unet.named_modules() if name]
+
+
+def denoiser_folder(base: str | Path = "toy") -> str:
+    """The denoiser's subfolder: "transformer" for FLUX, "unet" otherwise."""
+    return "transformer" if family(base) == FLUX else "unet"
 
 
 def base_digest(base: str | Path = "toy") -> str:
@@ -106,7 +120,7 @@ def base_digest(base: str | Path = "toy") -> str:
     import hashlib
 
     h, chunk = hashlib.sha256(), 16 * 2**20
-    for f in sorted((resolve(base) / "unet").glob("*.safetensors")):
+    for f in sorted((resolve(base) / denoiser_folder(base)).glob("*.safetensors")):
         size = f.stat().st_size
         if size <= 256 * 2**20:
             h.update(f.read_bytes())

@@ -4,20 +4,68 @@ Training (one image x0, noise eps, timestep t, alpha_bar = prod(1 - beta)):
     x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
     target = eps                                              (epsilon prediction)
            = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (v prediction, Salimans & Ho 2022)
+Flow matching (FLUX: the scheduler is a FlowMatchEulerDiscreteScheduler; rectified flow, Esser et
+al. 2024), integer t in [0, T) mapped to a shifted noise level sigma in (0, 1]:
+    u = (t + 1) / T                                           (t = T-1: pure noise; diffusers' grid)
+    sigma = shift u / (1 + (shift - 1) u)                     (static shift)
+          = e^mu / (e^mu + 1/u - 1)                           (use_dynamic_shifting: FLUX.1 dev), with
+    mu = base_shift + (max_shift - base_shift) (n - base_image_seq_len) / (max_image_seq_len - base_image_seq_len)
+         for n = image tokens (latent h w / 4: FLUX packs 2x2 latent patches into one token)
+    x_t = (1 - sigma) x0 + sigma eps ;  target = eps - x0     (the velocity the model predicts)
 Sampling: classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023,
 "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16), then a DDIM step.
+(FLUX samples with its own Euler loop on the flow: flux_backend.FluxBackend.generate.)
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+
+def is_flow(scheduler) -> bool:
+    """True for a flow-matching (rectified flow) training schedule, e.g. FLUX's."""
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def flow_mu(config, image_seq_len: int) -> float:
+    """Dynamic-shift mu for `image_seq_len` image tokens: diffusers' FLUX calculate_shift (linear in
+    the token count between base_image_seq_len -> base_shift and max_image_seq_len -> max_shift)."""
+    m = (config["max_shift"] - config["base_shift"]) / (config["max_image_seq_len"] - config["base_image_seq_len"])
+    return image_seq_len * m + config["base_shift"] - m * config["base_image_seq_len"]
+
+
+def shift_sigma(config, u: torch.Tensor, image_seq_len: int) -> torch.Tensor:
+    """The scheduler's time shift of unshifted noise levels u in (0, 1] (config: a flow scheduler's)."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    if config.get("use_dynamic_shifting", False):
+        mu = flow_mu(config, image_seq_len)
+        if config.get("time_shift_type", "exponential") == "linear":
+            return (mu / (mu + (1 / u - 1))).float()
+        return (math.exp(mu) / (math.exp(mu) + (1 / u - 1))).float()
+    shift = float(config.get("shift", 1.0))
+    return (shift * u / (1 + (shift - 1) * u)).float()
+
+
+def flow_sigma(config, t: torch.Tensor, num_train: int, image_seq_len: int) -> torch.Tensor:
+    """Shifted noise level sigma in (0, 1] of integer timesteps t in [0, num_train): u = (t + 1) / T,
+    then the scheduler's shift (static or dynamic). Shared by training and the FLUX denoiser."""
+    return shift_sigma(config, (torch.as_tensor(t).double().cpu() + 1) / num_train, image_seq_len).to(
+        torch.as_tensor(t).device)
 
 
 def noisy_and_target(
     scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, regression target) for the scheduler's prediction type. x0, noise: (B, C, H, W); t: (B,)."""
+    """(x_t, regression target) for the scheduler's prediction type. x0, noise: (B, C, H, W); t: (B,).
+    A flow-matching scheduler: x_t = (1 - sigma) x0 + sigma noise, target = noise - x0 (see above)."""
+    if is_flow(scheduler):
+        n_tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)  # FLUX's 2x2 packed latent tokens
+        sigma = flow_sigma(scheduler.config, t, scheduler.config.num_train_timesteps, n_tokens)
+        sigma = sigma.to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
+        return (1 - sigma) * x0 + sigma * noise, noise - x0
     x_t = scheduler.add_noise(x0, noise, t)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":

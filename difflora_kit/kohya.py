@@ -30,6 +30,14 @@ def is_kohya(keys: Iterable[str]) -> bool:
     return any(k.startswith(KOHYA_PREFIX) for k in keys)
 
 
+def _check_unet(names: Iterable[str]) -> None:
+    """kohya keys here are UNet keys: a FLUX transformer's LoRA (kohya writes those as lora_unet_double_blocks_*
+    / single_blocks_* with BFL's module names) gets a clear error."""
+    if any(n.startswith(("transformer_blocks.", "single_transformer_blocks.")) for n in names):
+        raise NotImplementedError("kohya keys are for UNet LoRAs (toy, SD 1.x, SDXL): "
+                                  "kohya export and import are not for FLUX yet")
+
+
 def kohya_name(module: str) -> str:
     """'down_blocks.0.attentions.0.proj_in' -> 'lora_unet_down_blocks_0_attentions_0_proj_in'."""
     return KOHYA_PREFIX + module.replace(".", "_")
@@ -43,6 +51,7 @@ def to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     and alpha = R everywhere, so alpha / r = 1. (diffusers' kohya loader mis-maps per-module
     alphas of attention layers; ComfyUI and A1111 read them; with all equal nobody can differ.)"""
     modules = lora.modules()
+    _check_unet(modules)
     R = max(A.shape[0] for A, _ in modules.values())
     tensors = {}
     for name, (A, B) in modules.items():
@@ -60,6 +69,8 @@ def to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def from_kohya(tensors: dict[str, torch.Tensor], module_names: Iterable[str], header: dict | None = None) -> LoraFile:
     """A kit LoraFile from kohya-keyed tensors; `module_names` are the base denoiser's modules."""
+    module_names = list(module_names)
+    _check_unet(module_names)
     by_kohya = {kohya_name(n): n for n in module_names}
     downs = sorted(k[: -len(".lora_down.weight")] for k in tensors
                    if k.startswith(KOHYA_PREFIX) and k.endswith(".lora_down.weight"))

@@ -67,6 +67,9 @@ def describe(base: str | Path) -> ModelShapes:
     from . import backends
 
     kind, folder = backends.check_supported(base), backends.resolve(base, configs_only=True)  # no weights fetched
+    if kind == "flux":
+        raise NotImplementedError(f"--base {base}: `difflora plan` measures UNet bases (toy, SD 1.x, SDXL); "
+                                  "the memory plan is not for FLUX yet")
     unet = dict(UNet2DConditionModel.load_config(folder / "unet"))
     read = lambda sub: json.loads((folder / sub / "config.json").read_text())  # noqa: E731
     encoders = [(read(sub).get("architectures", ["CLIPTextModel"])[0], read(sub))

@@ -6,6 +6,11 @@ CLIPTextModelWithProjection, SDXL's `addition_embed_type="text_time"`), a few th
 smaller, random weights, no download. The tokenizer is the toy model's word-level CLIP tokenizer.
 
     make_tiny_pipeline("sdxl", "out/tiny_sdxl")   # then: difflora pair A.png B.png --base out/tiny_sdxl ...
+
+"flux": FluxPipeline with a tiny FluxTransformer2DModel (guidance-embedded, like FLUX.1 dev), a
+16-channel AutoencoderKL with shift_factor, CLIPTextModel (pooled) + T5EncoderModel, and the
+FlowMatchEulerDiscreteScheduler with dynamic shifting (dev's settings). The toy tokenizer fills both
+tokenizer slots.
 """
 
 from __future__ import annotations
@@ -66,17 +71,50 @@ def _unet(family: str, seed: int):
                                 addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + HIDDEN)
 
 
+def _flux_parts(vocab: int, max_len: int, seed: int) -> dict:
+    """The FLUX-specific components: transformer, 16-channel VAE, T5 encoder, flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=HIDDEN,
+                                         pooled_projection_dim=HIDDEN, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8, layers_per_block=1,
+                        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=IMAGE_SIZE, use_quant_conv=False,
+                        use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX's VAE constants
+    torch.manual_seed(seed + 2)
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=HIDDEN, d_kv=8, d_ff=2 * HIDDEN, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=1, eos_token_id=1, decoder_start_token_id=0,
+                                 feed_forward_proj="gated-gelu", n_positions=max_len))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)  # FLUX.1 dev's scheduler config
+    return dict(transformer=transformer, vae=vae, text_encoder_2=t5, scheduler=scheduler)
+
+
 def make_tiny_pipeline(family: str, folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Write a tiny random `family` ("sd15" or "sdxl") pipeline to `folder` with save_pretrained."""
+    """Write a tiny random `family` ("sd15", "sdxl" or "flux") pipeline to `folder` with save_pretrained
+    (`prediction_type`: SD only; FLUX predicts the flow velocity)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if family not in ("sd15", "sdxl"):
-        raise ValueError(f"family must be sd15 or sdxl, got {family!r}")
+    if family not in ("sd15", "sdxl", "flux"):
+        raise ValueError(f"family must be sd15, sdxl or flux, got {family!r}")
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp) / "tokenizer"
         shutil.copytree(TOY_FOLDER / "tokenizer", tok_dir)
         tokenizer = _tokenizer(tok_dir)
     vocab, max_len = len(tokenizer), tokenizer.model_max_length
+    if family == "flux":
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline(**_flux_parts(vocab, max_len, seed), tokenizer=tokenizer, tokenizer_2=tokenizer,
+                            text_encoder=_text_encoder(vocab, max_len, projection=False, seed=seed + 3))
+        with atomic_directory(Path(folder)) as out:
+            pipe.save_pretrained(out, safe_serialization=True)
+        return Path(folder)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, prediction_type=prediction_type, steps_offset=1,
                               clip_sample=False)

@@ -6,6 +6,10 @@ so every step sees the whole range, and regresses the denoiser's output on the t
     t_b = floor((b + u_b) / batch * T)          b = 0..batch-1, u_b ~ U[0, 1)
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps ; loss = || D(x_t, t, c) - target ||^2
 
+A flow-matching base (FLUX) maps t to a shifted sigma instead: x_t = (1 - sigma) x0 + sigma eps,
+target eps - x0 (diffusion.noisy_and_target). Its LoRA targets default to the backend's
+`default_targets` when cfg.targets is left at the UNet defaults.
+
 Only the LoRA (A, B) trains; the base stays frozen (in 8-bit by default).
 """
 
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as checkpoints
 from . import diffusion, lora
-from .config import TrainConfig
+from .config import DEFAULT_TARGETS, TrainConfig
 from .images import image_digest
 
 ADAPTER = "difflora"
@@ -57,7 +61,10 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     `on_step(step, loss)` is called after each optimizer step (step counts from 1)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # peft's A init
-    params = lora.attach(backend.unet, cfg.rank, cfg.alpha, cfg.targets, ADAPTER)
+    targets = cfg.targets
+    if targets == DEFAULT_TARGETS and getattr(backend, "default_targets", None):
+        targets = backend.default_targets  # the UNet defaults, not set by the user: the family's own (FLUX)
+    params = lora.attach(backend.unet, cfg.rank, cfg.alpha, targets, ADAPTER)
     named = [(n, p) for n, p in backend.unet.named_parameters() if p.requires_grad]  # the LoRA's, by name
     backend.unet.train()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

@@ -45,10 +45,10 @@ def test_unknown_base_family_is_a_clear_error(capsys, tmp_path):
     folder.mkdir()
     row = read_pairs(DEFAULT_PAIRS)[0]
     train = ["train", row["image1"], "--prompt", row["prompt"], "--out", str(tmp_path / "l.safetensors"), "--base", str(folder)]
-    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     assert cli.main(train) == 2
     err = capsys.readouterr().err
-    assert "FluxPipeline" in err and "no backend" in err
+    assert "StableDiffusion3Pipeline" in err and "no backend" in err
     (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')  # but no unet/ folder
     assert cli.main(train) == 2
     assert "unet" in capsys.readouterr().err and not (tmp_path / "l.safetensors").exists()

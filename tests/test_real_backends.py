@@ -81,6 +81,6 @@ def test_step1_step2_sample_through_the_cli_and_diffusers_loads_the_lora(tiny_ba
 
 
 def test_an_unknown_pipeline_gets_a_clear_error(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     with pytest.raises(NotImplementedError, match="no backend"):
         backends.load_backend(tmp_path)
