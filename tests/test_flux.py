@@ -6,7 +6,6 @@ loop, and FlowMatchEulerDiscreteScheduler's sigmas and time shift."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from difflora_kit import backends, cli, diffusion, kohya, lora, plan, sample
 from difflora_kit.config import TrainConfig
@@ -34,13 +33,10 @@ def pipe(tiny_flux):
 @pytest.fixture(scope="module")
 def pair_loras(tiny_flux, tmp_path_factory):
     """Step 1 and step 2 through the CLI, like a real base."""
+    from test_real_backends import _pair_images  # the same random image pair as the SD backends' tests
+
     tmp = tmp_path_factory.mktemp("flux_pair")
-    rng = np.random.default_rng(0)
-    images = []
-    for i in (1, 2):
-        path = tmp / f"image{i}.png"
-        Image.fromarray((rng.random((IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.uint8)).save(path)
-        images.append(str(path))
+    images = _pair_images(tmp)
     out = tmp / "pair"
     assert cli.main(["pair", *images, "--prompt", PROMPTS[0], "--out", str(out), "--base", str(tiny_flux),
                      "--steps", "3", "--batch", "2", "--lr", "0.05"]) == 0
