@@ -44,6 +44,9 @@ NOTEBOOKS = {  # one line per notebook
     "03_the_8bit_base": Run(),
     "04_step1_overfit_lora1": Run(),
     "05_step2_lora2_difference": Run(),
+    "06_lora2_strength_slider": Run(),
+    "07_averaging_many_pairs": Run(),
+    "08_real_model_on_a_gpu": Run(),  # on a CPU (CI): a tiny random pipeline of the same classes
 }
 
 
