@@ -275,6 +275,15 @@ def relative_error(approx: dict[str, torch.Tensor], exact: dict[str, torch.Tenso
     return DeltaError(layers, math.sqrt(diff2 / norm2) if norm2 > 0 else math.sqrt(diff2))
 
 
+def delta_distance(a: LoraFile, b: LoraFile) -> float:
+    """How far LoRA a's weight change is from LoRA b's: ||dW_a - dW_b||_F / ||dW_b||_F pooled over all
+    layers (`relative_error(module_deltas(a), module_deltas(b)).pooled`; b is the reference; 0 for equal deltas)."""
+    if set(a.modules()) != set(b.modules()):
+        diff = sorted(set(a.modules()) ^ set(b.modules()))
+        raise LoraMismatchError(f"the two LoRAs adapt different modules (e.g. {diff[:3]}): no delta-W distance")
+    return relative_error(module_deltas(a), module_deltas(b)).pooled
+
+
 def naive_error(loras: list[LoraFile], weights: list[float] | None = None) -> DeltaError:
     """How far averaging A and B separately lands from the exact average, in delta-W."""
     return relative_error(module_deltas(naive_average(loras, weights)), module_deltas(exact_average(loras, weights)))

@@ -158,6 +158,37 @@ def load(path: Path, module_names=None) -> LoraFile:
     return LoraFile(tensors, config, meta)
 
 
+def _same_setting(saved, wanted) -> bool:
+    """Metadata values are strings in the file: equal as strings, or as numbers ("8" and 8.0)."""
+    if str(saved) == str(wanted):
+        return True
+    try:
+        return float(str(saved)) == float(str(wanted))
+    except ValueError:
+        return False
+
+
+def load_matching(path: Path, wanted: dict, module_names=None) -> tuple[LoraFile | None, str]:
+    """(the LoRA at `path`, "") when the file exists and its metadata has every setting in `wanted`;
+    else (None, why): the file is missing or unreadable, or which settings differ (saved vs wanted).
+
+    Values are compared as the file stores them, as strings (numbers also by value: "8" == 8.0);
+    a key the file lacks counts as differing. For reusing a LoRA another run saved, e.g.
+    `lora1, why = lora.load_matching(path, {"stage": "1", "rank": 8, "steps": 100})`."""
+    path = Path(path)
+    if not path.is_file():
+        return None, f"{path} does not exist"
+    try:
+        saved = load(path, module_names)
+    except ValueError as e:  # not safetensors, unreadable, not a LoRA (LoraMismatchError is a ValueError)
+        return None, f"unreadable LoRA file: {e}"  # e names the path
+    differs = [f"{k}={saved.meta.get(k, '(missing)')!s} (wanted {v})" for k, v in wanted.items()
+               if k not in saved.meta or not _same_setting(saved.meta[k], v)]
+    if differs:
+        return None, f"{path} was trained with other settings: " + ", ".join(differs)
+    return saved, ""
+
+
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * B @ A, for linear (A: (r, in), B: (out, r)) or conv (A: (r, in, kh, kw), B: (out, r, 1, 1))."""
     delta = B.flatten(1).float() @ A.flatten(1).float()  # (out, r) @ (r, in*kh*kw) -> (out, in*kh*kw)

@@ -210,6 +210,27 @@ def test_naive_average_is_wrong_for_different_loras_and_right_for_copies(members
         average.naive_error(members)  # ranks 4, 8, 2
 
 
+def test_delta_distance_is_the_pooled_relative_delta_error(members, tmp_path):
+    a, b = members[0], members[1]  # ranks 4 and 8, scales 1 and 0.25
+    assert average.delta_distance(a, a) == 0.0
+    lora.save(tmp_path / "a.safetensors", a)
+    assert average.delta_distance(lora.load(tmp_path / "a.safetensors"), a) == 0.0  # the file holds the same LoRA
+    assert average.delta_distance(average.exact_average([a, a]), a) < 1e-6  # another rank, the same delta-W
+    d = average.delta_distance(a, b)
+    assert d > 0.1
+    assert d == average.relative_error(lora.module_deltas(a), lora.module_deltas(b)).pooled
+    # by hand: ||dW_a - dW_b|| / ||dW_b|| pooled over the layers (b is the reference)
+    num = den = 0.0
+    for name in a.modules():
+        da, db = reference_delta(a, name), reference_delta(b, name)
+        num, den = num + float((da - db).norm() ** 2), den + float(db.norm() ** 2)
+    assert d == pytest.approx((num / den) ** 0.5, rel=1e-5)
+    assert average.delta_distance(b, a) != pytest.approx(d)  # relative to the second one's norm
+    fewer = lora.LoraFile({k: v for k, v in a.tensors.items() if "conv1" not in k}, a.config, {})
+    with pytest.raises(LoraMismatchError, match="different modules"):
+        average.delta_distance(a, fewer)
+
+
 def test_bad_inputs_are_clear_errors(members):
     with pytest.raises(ValueError, match="at least one"):
         average.exact_average([])

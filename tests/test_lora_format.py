@@ -84,3 +84,46 @@ def test_delta_weight_matches_peft_merge_on_a_conv_and_a_linear():
         if isinstance(m, LoraLayer) and n in expected:
             m.merge(adapter_names=["t"])
             torch.testing.assert_close(m.base_layer.weight - before[n], expected[n], atol=1e-6, rtol=1e-5)
+
+
+def small_lora(meta: dict) -> lora.LoraFile:
+    """A random rank-2 LoRA on the toy denoiser's to_q projections (no training)."""
+    torch.manual_seed(0)
+    unet = model.build_unet()
+    lora.attach(unet, rank=2, alpha=4, targets=("to_q",), name="t")
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    tensors, config = lora.adapter_state(unet, "t")
+    return lora.LoraFile(tensors, config, meta)
+
+
+def test_load_matching_loads_only_a_lora_with_the_wanted_settings(tmp_path):
+    meta = {"stage": 1, "base": "toy", "rank": 2, "alpha": 4.0, "lr": 1e-4, "prompt": "a red circle"}
+    path = tmp_path / "lora1.safetensors"
+    lora.save(path, small_lora(meta))
+    plain = lora.load(path)
+
+    # match: the same LoRA as lora.load (values compared as the file stores them, strings, or as numbers)
+    for wanted in ({}, {k: str(v) for k, v in meta.items()}, meta, {"rank": 2.0, "alpha": 4, "stage": "1"}):
+        got, why = lora.load_matching(path, wanted)
+        assert why == "" and got is not None, wanted
+        assert got.tensors.keys() == plain.tensors.keys()
+        assert all(torch.equal(got.tensors[k], plain.tensors[k]) for k in plain.tensors)
+        assert got.config == plain.config and got.meta == plain.meta
+
+    # a setting differs: None, and the reason names it with both values
+    got, why = lora.load_matching(path, {**meta, "lr": 1e-3, "prompt": "a red circle"})
+    assert got is None and "lr=0.0001 (wanted 0.001)" in why and "prompt" not in why
+    got, why = lora.load_matching(path, {"stage": "2"})
+    assert got is None and "stage=1 (wanted 2)" in why
+    got, why = lora.load_matching(path, {"seed": 0})  # a setting the file does not record differs too
+    assert got is None and "seed=(missing)" in why
+
+    # no file, or not a LoRA file: None and why, no exception
+    got, why = lora.load_matching(tmp_path / "nothing.safetensors", meta)
+    assert got is None and "does not exist" in why
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    got, why = lora.load_matching(broken, meta)
+    assert got is None and why.startswith("unreadable LoRA file") and str(broken) in why
