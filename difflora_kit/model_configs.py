@@ -36,6 +36,7 @@ TEXT_ENCODERS = {"sd15": [("CLIPTextModel", CLIP_L)],
                  "sdxl": [("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G)]}
 SD_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
               block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+VAES = {"sd15": SD_VAE, "sdxl": dict(SD_VAE, force_upcast=True)}  # SDXL's VAE overflows in fp16
 TEXT_TOKENS = 77
 LATENT_CHANNELS, VAE_SCALE = 4, 8  # the SD VAE: 8x smaller, 4 channels
 

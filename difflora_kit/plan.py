@@ -63,7 +63,7 @@ def describe(base: str | Path) -> ModelShapes:
     if str(base) in model_configs.UNET_CONFIGS:
         name = str(base)
         return ModelShapes(name, dict(model_configs.UNET_CONFIGS[name]), list(model_configs.TEXT_ENCODERS[name]),
-                           dict(model_configs.SD_VAE), model_configs.TEXT_TOKENS, model_configs.VAE_SCALE)
+                           dict(model_configs.VAES[name]), model_configs.TEXT_TOKENS, model_configs.VAE_SCALE)
     from . import backends
 
     kind, folder = backends.check_supported(base), backends.resolve(base, configs_only=True)  # no weights fetched
@@ -96,20 +96,27 @@ def _meta_unet(shapes: ModelShapes, dtype: torch.dtype):
         torch.set_default_dtype(default)
 
 
-def _encoder_params(shapes: ModelShapes) -> int:
+def _encoder_params(shapes: ModelShapes) -> tuple[int, int]:
+    """(text encoders' parameters, the VAE's parameters), from their configs."""
     import transformers
     from diffusers import AutoencoderKL
 
-    n = 0
+    text = vae = 0
     with torch.device("meta"):
         for class_name, config in shapes.text_encoders:
             cls = getattr(transformers, class_name)
             fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype", "dtype")}
-            n += sum(p.numel() for p in cls(transformers.CLIPTextConfig(**fields)).parameters())
+            text += sum(p.numel() for p in cls(transformers.CLIPTextConfig(**fields)).parameters())
         if shapes.vae is not None:
-            vae = AutoencoderKL.from_config({k: v for k, v in shapes.vae.items() if not k.startswith("_")})
-            n += sum(p.numel() for p in vae.parameters())
-    return n
+            model = AutoencoderKL.from_config({k: v for k, v in shapes.vae.items() if not k.startswith("_")})
+            vae = sum(p.numel() for p in model.parameters())
+    return text, vae
+
+
+def vae_dtype(shapes: ModelShapes, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype as the backend loads it: fp32 under fp16 when its config says force_upcast (SDXL)."""
+    upcast = dtype == torch.float16 and shapes.vae is not None and shapes.vae.get("force_upcast", False)
+    return torch.float32 if upcast else dtype
 
 
 def vae_encode_workspace(shapes: ModelShapes, resolution: int, dtype: torch.dtype) -> int:
@@ -307,6 +314,11 @@ def _attach(unet: nn.Module, cfg: TrainConfig, with_preset: bool) -> int:
     return sum(p.numel() for p in params)
 
 
+def _resolution_step(shapes: ModelShapes) -> int:
+    """Training sizes must be multiples of this: the latent is halved once per level of the UNet."""
+    return shapes.pixels_per_latent * 2 ** (len(shapes.unet["block_out_channels"]) - 1)
+
+
 def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfig | None = None, dtype: str = "bf16",
                 offload_encoders: bool = True) -> MemoryPlan:
     """Predicted peak memory (bytes) of loading, step 1 and step 2 for these settings
@@ -315,13 +327,14 @@ def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfi
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     shapes = describe(base)
-    step = shapes.pixels_per_latent * 2 ** (len(shapes.unet["block_out_channels"]) - 1)  # the UNet halves it N times
+    step = _resolution_step(shapes)
     resolution = resolution or shapes.unet["sample_size"] * shapes.pixels_per_latent
     if resolution <= 0 or resolution % step:
         raise ValueError(f"resolution must be a positive multiple of {step} for this base, got {resolution} "
                          f"(e.g. {max(step, round(resolution / step) * step)})")
     torch_dtype, size = DTYPES[dtype], torch.finfo(DTYPES[dtype]).bits // 8
-    encoders = _encoder_params(shapes) * size
+    text_params, vae_params = _encoder_params(shapes)
+    encoders = text_params * size + vae_params * torch.finfo(vae_dtype(shapes, torch_dtype)).bits // 8
     steps = {}
     for step, with_preset in ((1, False), (2, cfg.preset_mode == "adapter")):
         if step == 2 and not with_preset:  # fuse / requant: the preset is inside the int8 weights
@@ -343,7 +356,7 @@ def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfi
         parts["activations kept for backward"] = acts.saved
         parts["backward workspace (estimate)"] = acts.workspace
         steps[step] = StepPlan(parts)
-    encode_peak = weights + encoders + vae_encode_workspace(shapes, resolution, torch_dtype)
+    encode_peak = weights + encoders + vae_encode_workspace(shapes, resolution, vae_dtype(shapes, torch_dtype))
     return MemoryPlan(str(base), resolution, dtype, cfg, offload_encoders, full + encoders, encode_peak, steps[1], steps[2])
 
 
@@ -372,8 +385,10 @@ def advice(plan: MemoryPlan) -> list[str]:
         tries.append(("--gradient-checkpointing", dict(gradient_checkpointing=True), plan.resolution))
     if c.batch > 1:
         tries.append((f"--batch 1 (now {c.batch})", dict(batch=1), plan.resolution))
-    if plan.resolution > 512:
-        tries.append((f"--resolution {plan.resolution // 2} (now {plan.resolution})", {}, plan.resolution // 2))
+    step = _resolution_step(describe(plan.base))
+    half = max(step, plan.resolution // 2 // step * step)
+    if plan.resolution > 512 and half < plan.resolution:
+        tries.append((f"--resolution {half} (now {plan.resolution})", {}, half))
     if c.rank > 4:
         tries.append((f"--rank {c.rank // 2} (now {c.rank})", dict(rank=c.rank // 2, alpha=c.alpha / 2), plan.resolution))
     if len(tries) > 1:
@@ -402,13 +417,15 @@ class OutOfMemoryAdvice(RuntimeError):
 
 def out_of_memory_message(plan_args: dict, error: BaseException) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    lines = [f"the GPU ran out of memory ({first[:200]}). Nothing was written."]
+    lines = [f"the GPU ran out of memory ({first[:200]}). This step's LoRA was not written; a checkpoint written "
+             "before is kept: the same command with --resume --gradient-checkpointing continues it (other changes start over)."]
     try:
         plan = plan_memory(**plan_args)
         lines.append(f"Predicted peak for these settings: {plan.peak / GiB:.2f} GiB ({plan.settings()}).")
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
-            lines.append(f"This GPU has {total / GiB:.1f} GiB, {free / GiB:.1f} GiB free now (other processes hold the rest).")
+            lines.append(f"This GPU has {total / GiB:.1f} GiB: {free / GiB:.1f} GiB free now, "
+                         f"{torch.cuda.memory_reserved() / GiB:.1f} GiB reserved by this process.")
         lines.append("Lower one of these (predicted peak after the change):")
         lines += [f"  {a}" for a in advice(plan)]
         lines.append("`difflora plan` with your settings prints the peak by component.")

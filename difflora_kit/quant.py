@@ -38,8 +38,8 @@ class FrozenInt8Matmul(torch.autograd.Function):
         ctx.save_for_backward(CB, SCB)  # the weight: nothing of x
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         if x.device.type == "cuda":
-            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-            CA, SCA, _ = bnb.functional.int8_vectorwise_quant(x2.to(torch.float16))
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float16).contiguous()  # (N, in): the CUDA ops read row-major memory
+            CA, SCA, _ = bnb.functional.int8_vectorwise_quant(x2)
             y = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=x.dtype)  # (N, out)
             return y.reshape(*x.shape[:-1], CB.shape[0])
         W = CB.to(x.dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)

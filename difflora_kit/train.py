@@ -76,37 +76,40 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
         backend.unet.enable_gradient_checkpointing()
     scheduler = backend.scheduler
     losses, step_seconds, started, first = [], [], time.time(), 0
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
+    # what makes a run the same run: not how often it is checkpointed, nor how memory is saved
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every", "gradient_checkpointing")}
     run = checkpoints.fingerprint(cfg=settings, prompt=prompt, image=image_digest(image), meta=meta or {})
     if checkpoint is not None and resume and Path(checkpoint).is_file():
         first, losses = checkpoints.restore(checkpoint, named, optimizer, generator, run)
     warmup = max(1, cfg.steps // 20)
-    for step in tqdm(range(first, cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})",
-                     disable=not progress, initial=first, total=cfg.steps):
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU: same on any device
-        t = stratified_timesteps(cfg.batch, scheduler.config.num_train_timesteps, generator).to(x0.device)
-        x_t, target = diffusion.noisy_and_target(scheduler, x0, noise, t)
-        loss = torch.nn.functional.mse_loss(backend.denoiser(x_t, t, states).float(), target)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at step {step + 1}: stopped, nothing written. "
-                f"Lower the learning rate (now {cfg.lr}) or the alpha (now {cfg.alpha})."
-            )
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / warmup)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step + 1, losses[-1])
-        step_seconds.append(time.time() - started - sum(step_seconds))
-        if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
-                and step + 1 < cfg.steps:
-            checkpoints.save(checkpoint, named, optimizer, step + 1, generator, losses, run)
-    backend.unet.eval()
-    if cfg.gradient_checkpointing:
-        backend.unet.disable_gradient_checkpointing()
+    try:
+        for step in tqdm(range(first, cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})",
+                         disable=not progress, initial=first, total=cfg.steps):
+            noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU: same on any device
+            t = stratified_timesteps(cfg.batch, scheduler.config.num_train_timesteps, generator).to(x0.device)
+            x_t, target = diffusion.noisy_and_target(scheduler, x0, noise, t)
+            loss = torch.nn.functional.mse_loss(backend.denoiser(x_t, t, states).float(), target)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(
+                    f"the training loss became {loss.item()} at step {step + 1}: stopped, nothing written. "
+                    f"Lower the learning rate (now {cfg.lr}) or the alpha (now {cfg.alpha})."
+                )
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / warmup)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
+            step_seconds.append(time.time() - started - sum(step_seconds))
+            if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                    and step + 1 < cfg.steps:
+                checkpoints.save(checkpoint, named, optimizer, step + 1, generator, losses, run)
+    finally:  # also after an error: the backend may be reused (a notebook, the OOM advice)
+        backend.unet.eval()
+        if cfg.gradient_checkpointing:
+            backend.unet.disable_gradient_checkpointing()
     tensors, config = lora.adapter_state(backend.unet, ADAPTER)
     info = {"rank": cfg.rank, "alpha": cfg.alpha, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
             "eight_bit": cfg.eight_bit, **(meta or {})}

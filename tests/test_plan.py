@@ -133,3 +133,26 @@ def test_a_hub_model_is_planned_from_its_configs_alone(tiny_folders, monkeypatch
     calls.clear()
     backends.resolve("someone/tiny-sd15")
     assert "unet/*.safetensors" in calls[-1] and not [f for f in calls[-1] if f.startswith("safety_checker")]
+
+
+def test_a_run_resumes_with_checkpointing_turned_on(tmp_path):
+    """What the out-of-memory advice says: the same command with --resume --gradient-checkpointing
+    continues the run from its checkpoint (checkpointing changes memory, not the run)."""
+    from difflora_kit.images import load_image
+    from difflora_kit.toy import pairs
+
+    row = pairs.read_pairs(DEFAULT_PAIRS)[0]
+    image, ckpt = load_image(row["image2"], 32), tmp_path / "lora.checkpoint.safetensors"
+    first = pair.train_stage(image, row["prompt"], TrainConfig(steps=4, checkpoint_every=2), progress=False,
+                             checkpoint=ckpt)  # leaves the checkpoint of step 2
+    assert ckpt.is_file()
+    resumed = pair.train_stage(image, row["prompt"], TrainConfig(steps=4, checkpoint_every=2, gradient_checkpointing=True),
+                               progress=False, checkpoint=ckpt, resume=True)
+    assert resumed.losses[:2] == first.losses[:2] and len(resumed.step_seconds) == 2  # steps 3 and 4 only
+    for k, v in first.lora.tensors.items():
+        torch.testing.assert_close(resumed.lora.tensors[k], v, rtol=1e-5, atol=1e-7)
+
+
+def test_advice_halves_the_resolution_to_one_the_denoiser_takes():
+    lines = plan.advice(plan.plan_memory("sd15", 576, TrainConfig(batch=1)))
+    assert any(line.startswith("--resolution 256 (now 576)") for line in lines), lines
