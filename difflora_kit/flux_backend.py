@@ -72,6 +72,7 @@ class FluxBackend(StableDiffusionBackend):
         self.pooled_dim = transformer.config.pooled_projection_dim  # CLIP's pooled output (768 for CLIP-L)
         self.train_guidance = TRAIN_GUIDANCE  # the distilled guidance value the denoiser gets (dev only)
         self.default_targets = flux_targets(transformer.config.num_single_layers)
+        self.lora_file_prefix = "transformer"  # LoRA files keyed as FluxPipeline.load_lora_weights reads them
 
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -32,7 +32,13 @@ from torch import nn
 from . import __version__
 from .files import atomic_file
 
-PREFIX = "unet"
+PREFIX = "unet"  # in memory every LoRA is keyed "unet.<module>..."
+TRANSFORMER_PREFIX = "transformer"  # in the file of a transformer denoiser's LoRA (FLUX: what its pipeline loads)
+
+
+def file_prefix(lora: "LoraFile") -> str:
+    """The key prefix a LoRA is written with: diffusers' name of its denoiser (meta "denoiser")."""
+    return TRANSFORMER_PREFIX if lora.meta.get("denoiser") == TRANSFORMER_PREFIX else PREFIX
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 
 
@@ -116,10 +122,12 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save(path: Path, lora: LoraFile) -> None:
     """Write a LoRA file atomically (never a half-written file under the final name)."""
-    meta = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in lora.config.items()})}
+    prefix = file_prefix(lora)
+    meta = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in lora.config.items()})}
     meta.update({f"difflora.{k}": str(v) for k, v in {**lora.meta, "kit_version": __version__}.items()})
+    tensors = {prefix + k[len(PREFIX):]: v.contiguous() for k, v in lora.tensors.items()}  # "unet." -> the file's prefix
     with atomic_file(Path(path)) as tmp:
-        save_file({k: v.contiguous() for k, v in lora.tensors.items()}, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load(path: Path, module_names=None) -> LoraFile:
@@ -144,6 +152,12 @@ def load(path: Path, module_names=None) -> LoraFile:
             raise LoraMismatchError(f"{path} is a kohya-format LoRA: its module names are resolved against the "
                                     "base model; load it with module_names (the CLI does this with --base)")
         return from_kohya(tensors, module_names(), header)
+    meta = {k[len("difflora.") :]: v for k, v in header.items() if k.startswith("difflora.")}
+    if any(k.startswith(f"{TRANSFORMER_PREFIX}.") for k in tensors):  # a transformer's LoRA (FLUX): "unet." in memory
+        tensors = {PREFIX + k[len(TRANSFORMER_PREFIX):]: v for k, v in tensors.items() if k.startswith(f"{TRANSFORMER_PREFIX}.")}
+        header = {**header, DIFFUSERS_METADATA_KEY: json.dumps({PREFIX + k[len(TRANSFORMER_PREFIX):]: v for k, v in
+                  json.loads(header.get(DIFFUSERS_METADATA_KEY, "{}")).items()})} if DIFFUSERS_METADATA_KEY in header else header
+        meta["denoiser"] = TRANSFORMER_PREFIX
     if DIFFUSERS_METADATA_KEY in header:
         raw = json.loads(header[DIFFUSERS_METADATA_KEY])
         config = {k[len(PREFIX) + 1 :]: v for k, v in raw.items() if k.startswith(f"{PREFIX}.")}
@@ -153,8 +167,8 @@ def load(path: Path, module_names=None) -> LoraFile:
             raise LoraMismatchError(f"{path} holds no LoRA tensors (no '*.lora_A.weight' keys)")
         config = {"r": ranks[0], "lora_alpha": ranks[0]}
     if not any(k.startswith(f"{PREFIX}.") for k in tensors):
-        raise LoraMismatchError(f"{path}: keys are not diffusers UNet LoRA keys (expected the '{PREFIX}.' prefix)")
-    meta = {k[len("difflora.") :]: v for k, v in header.items() if k.startswith("difflora.")}
+        raise LoraMismatchError(f"{path}: keys are not diffusers LoRA keys (expected the '{PREFIX}.' or "
+                                f"'{TRANSFORMER_PREFIX}.' prefix)")
     return LoraFile(tensors, config, meta)
 
 

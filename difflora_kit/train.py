@@ -113,4 +113,6 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     tensors, config = lora.adapter_state(backend.unet, ADAPTER)
     info = {"rank": cfg.rank, "alpha": cfg.alpha, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
             "eight_bit": cfg.eight_bit, **(meta or {})}
+    if getattr(backend, "lora_file_prefix", lora.PREFIX) != lora.PREFIX:
+        info["denoiser"] = backend.lora_file_prefix  # FLUX: written with "transformer." keys (lora.save)
     return TrainResult(lora.LoraFile(tensors, config, info), losses, time.time() - started, step_seconds)

@@ -3,6 +3,8 @@ save_pretrained and loaded back offline through the same `--base PATH` code path
 Oracles are diffusers' own: FluxPipeline's encode_prompt / _pack_latents / transformer call / sampling
 loop, and FlowMatchEulerDiscreteScheduler's sigmas and time shift."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -157,9 +159,9 @@ def test_step1_step2_sample_through_the_cli_and_the_lora_in_diffusers(tiny_flux,
                      "--scales", "0,1", "--out", str(grid), "--sample-steps", "2", "--lora-off-first", "0.5"]) == 0
     assert grid.is_file()
 
-    # diffusers' transformer loads the kit's file (prefix "unet") = the kit's full-precision base + LoRA
+    # diffusers' own FLUX loader reads the kit's file ("transformer." keys) = the kit's full-precision base + LoRA
+    pipe.load_lora_weights(str(lora2_path), adapter_name="kit")
     transformer = pipe.transformer
-    transformer.load_lora_adapter(str(lora2_path), prefix="unet", adapter_name="kit")
     kit = prepare_base(tiny_flux, TrainConfig(eight_bit=False))
     states = kit.encode_prompts(PROMPTS)
     x, t = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 700])
@@ -179,14 +181,26 @@ def test_step1_step2_sample_through_the_cli_and_the_lora_in_diffusers(tiny_flux,
         transformer.delete_adapters("kit")
 
 
-def test_flux_pipeline_load_lora_weights_does_not_read_the_kits_unet_prefix(tiny_flux, pair_loras):
-    """A documented limitation (README): FluxPipeline.load_lora_weights looks for "transformer." keys and
-    skips the kit's "unet." keys (a warning, nothing loaded); transformer.load_lora_adapter(path, prefix="unet") works."""
-    from diffusers import FluxPipeline
+def test_flux_lora_files_have_the_pipelines_transformer_keys_and_load_back(pair_loras, tmp_path):
+    """FLUX LoRAs are written with diffusers' "transformer." prefix (what FluxPipeline.load_lora_weights
+    reads); the kit reads them back as the same LoRA, and so does an average of them."""
+    from safetensors import safe_open
 
-    fresh = FluxPipeline.from_pretrained(tiny_flux, use_safetensors=True)
-    fresh.load_lora_weights(str(pair_loras[1]))
-    assert not getattr(fresh.transformer, "peft_config", None)
+    from difflora_kit import average
+
+    with safe_open(str(pair_loras[1]), framework="pt") as f:
+        keys, header = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    assert all(k.startswith("transformer.") for k in json.loads(header["lora_adapter_metadata"]))
+    lora2 = lora.load(pair_loras[1])
+    assert all(k.startswith("unet.") for k in lora2.tensors) and lora2.meta["denoiser"] == "transformer"
+    lora.save(tmp_path / "again.safetensors", lora2)
+    again = lora.load(tmp_path / "again.safetensors")
+    assert again.digest() == lora2.digest() and again.config == lora2.config
+    avg = average.exact_average([lora2, lora.load(pair_loras[0])])
+    lora.save(tmp_path / "avg.safetensors", avg)
+    with safe_open(str(tmp_path / "avg.safetensors"), framework="pt") as f:
+        assert all(k.startswith("transformer.") for k in f.keys())
 
 
 def test_plan_and_kohya_are_a_clear_error_on_flux(tiny_flux, pair_loras, tmp_path, capsys):
