@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (for the device tool: `bash bench/gpu_check.sh`, ~8 min on an H100).
+# Everything that needs a GPU, in one call (for the device tool: `bash bench/gpu_check.sh`; never run yet: untimed).
 # Writes bench/results/*_gpu.md/json (copied to $OUT when set) and the GPU tests' log.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -40,37 +40,9 @@ GiB = 2**30
 TARGETS_GIB = {"sdxl": 10.0, "sd15": 6.0}
 
 
-class RandomConditionBackend:
-    """What train.train_lora needs from a backend: a real denoiser class, a random latent image and
-    random text conditioning of the real shapes (SDXL: pooled embedding and time ids), on `device`."""
-
-    def __init__(self, name: str, unet, resolution: int, device: torch.device):
-        from diffusers import DDPMScheduler
-
-        from difflora_kit.model_configs import LATENT_CHANNELS, VAE_SCALE, conditioning
-
-        self.unet, self.device, self.side, self.channels = unet, device, resolution // VAE_SCALE, LATENT_CHANNELS
-        self.cond = conditioning(name, 1)
-        self.scheduler = DDPMScheduler(num_train_timesteps=1000)
-
-    def encode_images(self, images):  # (1, H, W, 3) -> latents (1, 4, h, w)
-        g = torch.Generator().manual_seed(1)
-        return torch.randn(1, self.channels, self.side, self.side, generator=g).to(self.device)
-
-    def encode_prompts(self, prompts):  # -> (1, 77, D)
-        return self.cond["encoder_hidden_states"].to(self.device)
-
-    def denoiser(self, x, t, states):
-        dtype, extra = self.unet.dtype, {}
-        if "added_cond_kwargs" in self.cond:
-            extra["added_cond_kwargs"] = {k: v.expand(x.shape[0], -1).to(self.device, dtype)
-                                          for k, v in self.cond["added_cond_kwargs"].items()}
-        return self.unet(x.to(dtype), t, states.to(dtype), **extra).sample.float()
-
-
 def one_run(model: str, resolution: int, steps: int, checkpointing: bool, device: str, matmul: str) -> dict:
     """In its own process: build, fuse a random LoRA 1, train LoRA 2; measure the steps after the first."""
-    from memory import random_lora
+    from memory import RandomConditionBackend, random_lora, reset_peak_rss, vm_kib
 
     from difflora_kit import plan, preset, quant
     from difflora_kit.config import TrainConfig
@@ -103,12 +75,12 @@ def one_run(model: str, resolution: int, steps: int, checkpointing: bool, device
                 torch.cuda.reset_peak_memory_stats()
                 marks["base"] = 0
             else:
-                Path("/proc/self/clear_refs").write_text("5")
-                marks["base"] = _kib("VmRSS")
+                reset_peak_rss()
+                marks["base"] = vm_kib("VmRSS") * 1024
 
     image = np.zeros((resolution, resolution, 3), np.float32)
     result = train_lora(backend, image, "a photo", cfg, progress=False, on_step=after)
-    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _kib("VmHWM") - marks["base"]
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else vm_kib("VmHWM") * 1024 - marks["base"]
     step_s = float(np.median(np.diff([marks[i] for i in range(1, steps + 1)]))) if steps > 1 else float("nan")
     predicted = plan.plan_memory(model, resolution, cfg, plan.DTYPE_NAMES[dtype])
     return {"model": model, "resolution": resolution, "checkpointing": checkpointing, "matmul": matmul,
@@ -116,13 +88,6 @@ def one_run(model: str, resolution: int, steps: int, checkpointing: bool, device
             "peak": peak, "peak_kind": "max_memory_allocated" if dev.type == "cuda" else "RSS above step 1",
             "predicted_step2": predicted.step2.peak, "predicted_components": predicted.step2.components,
             "step_s": step_s, "prepare_s": prepare_s, "losses": result.losses}
-
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def run_in_subprocess(*args) -> dict:

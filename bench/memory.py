@@ -61,30 +61,32 @@ def weight_bytes_by_format(unet: torch.nn.Module) -> dict:
 
 
 class RandomConditionBackend:
-    """The four things train.train_lora needs from a backend, for a real denoiser class with random
-    text conditioning (SD 1.5 / SDXL shapes) and a random latent image."""
+    """What train.train_lora needs from a backend: a real denoiser class, a random latent image and
+    random text conditioning of the real shapes (SDXL: pooled embedding and time ids), on `device`
+    (bench/gpu_memory.py uses it on a GPU, in the denoiser's dtype)."""
 
-    def __init__(self, name: str, unet, resolution: int):
+    def __init__(self, name: str, unet, resolution: int, device: str | torch.device = "cpu"):
         from diffusers import DDPMScheduler
 
         from difflora_kit.model_configs import LATENT_CHANNELS, VAE_SCALE, conditioning
 
-        self.name, self.unet, self.side = name, unet, resolution // VAE_SCALE
-        self.channels, self.cond = LATENT_CHANNELS, conditioning(name, 1)
+        self.name, self.unet, self.device = name, unet, torch.device(device)
+        self.side, self.channels, self.cond = resolution // VAE_SCALE, LATENT_CHANNELS, conditioning(name, 1)
         self.scheduler = DDPMScheduler(num_train_timesteps=1000)
 
     def encode_images(self, images):  # (1, H, W, 3) -> latents (1, 4, h, w)
         g = torch.Generator().manual_seed(1)
-        return torch.randn(1, self.channels, self.side, self.side, generator=g)
+        return torch.randn(1, self.channels, self.side, self.side, generator=g).to(self.device)
 
     def encode_prompts(self, prompts):  # -> (1, 77, D)
-        return self.cond["encoder_hidden_states"]
+        return self.cond["encoder_hidden_states"].to(self.device)
 
     def denoiser(self, x, t, states):
-        extra = {}
+        dtype, extra = self.unet.dtype, {}
         if "added_cond_kwargs" in self.cond:
-            extra["added_cond_kwargs"] = {k: v.expand(x.shape[0], -1) for k, v in self.cond["added_cond_kwargs"].items()}
-        return self.unet(x, t, states, **extra).sample
+            extra["added_cond_kwargs"] = {k: v.expand(x.shape[0], -1).to(self.device, dtype)
+                                          for k, v in self.cond["added_cond_kwargs"].items()}
+        return self.unet(x.to(dtype), t, states.to(dtype), **extra).sample.float()
 
 
 def random_lora(unet, rank: int, targets, seed: int = 0):

@@ -83,17 +83,22 @@ def describe(base: str | Path) -> ModelShapes:
                        2 ** (len(vae["block_out_channels"]) - 1))
 
 
+def _on_meta(cls, config: dict, dtype: torch.dtype = torch.float32):
+    """A diffusers model of `config` on the meta device (shapes only), its parameters made in `dtype`
+    (a .to(dtype) afterwards warns)."""
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    finally:
+        torch.set_default_dtype(default)
+
+
 def _meta_unet(shapes: ModelShapes, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
-    config = {k: v for k, v in shapes.unet.items() if not k.startswith("_")}
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)  # parameters made in dtype (a .to(dtype) afterwards warns)
-        with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config)
-    finally:
-        torch.set_default_dtype(default)
+    return _on_meta(UNet2DConditionModel, shapes.unet, dtype)
 
 
 def _encoder_params(shapes: ModelShapes) -> tuple[int, int]:
@@ -107,9 +112,8 @@ def _encoder_params(shapes: ModelShapes) -> tuple[int, int]:
             cls = getattr(transformers, class_name)
             fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype", "dtype")}
             text += sum(p.numel() for p in cls(transformers.CLIPTextConfig(**fields)).parameters())
-        if shapes.vae is not None:
-            model = AutoencoderKL.from_config({k: v for k, v in shapes.vae.items() if not k.startswith("_")})
-            vae = sum(p.numel() for p in model.parameters())
+    if shapes.vae is not None:
+        vae = sum(p.numel() for p in _on_meta(AutoencoderKL, shapes.vae).parameters())
     return text, vae
 
 
@@ -132,13 +136,7 @@ def vae_encode_workspace(shapes: ModelShapes, resolution: int, dtype: torch.dtyp
         if isinstance(out, torch.Tensor):
             largest[0] = max(largest[0], out.numel() * out.element_size())
 
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device("meta"):
-            vae = AutoencoderKL.from_config({k: v for k, v in shapes.vae.items() if not k.startswith("_")})
-    finally:
-        torch.set_default_dtype(default)
+    vae = _on_meta(AutoencoderKL, shapes.vae, dtype)
     for m in vae.encoder.modules():
         if not list(m.children()):
             m.register_forward_hook(record)

@@ -73,16 +73,11 @@ def test_int8_linear_keeps_nothing_of_its_input_and_matches_bitsandbytes():
     input is not held for the backward pass (bitsandbytes holds it; a frozen weight never needs it)."""
     import weakref
 
-    import bitsandbytes as bnb
-
     from difflora_kit.quant import quantize_linears
 
     torch.manual_seed(0)
     ours = quantize_linears(torch.nn.Sequential(torch.nn.Linear(64, 48)))[0]
-    theirs = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, threshold=0.0)
-    theirs.weight = bnb.nn.Int8Params(ours.weight.data.clone(), requires_grad=False, has_fp16_weights=False,
-                                      CB=ours.weight.CB.clone(), SCB=ours.weight.SCB.clone())
-    theirs.bias = torch.nn.Parameter(ours.bias.detach().clone(), requires_grad=False)
+    theirs = bitsandbytes_twin(ours)
     x = (torch.randn(2, 7, 64) * 3).requires_grad_(True)
     grad = torch.randn(2, 7, 48)
 
@@ -103,3 +98,15 @@ def test_int8_linear_keeps_nothing_of_its_input_and_matches_bitsandbytes():
     y_ref = theirs.train()(x)
     (gx_ref,) = torch.autograd.grad(y_ref, x, grad)
     assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+
+
+def bitsandbytes_twin(ours):
+    """bitsandbytes' own Linear8bitLt holding the same int8 weight, scales and bias as the kit's layer."""
+    import bitsandbytes as bnb
+
+    theirs = bnb.nn.Linear8bitLt(ours.in_features, ours.out_features, has_fp16_weights=False, threshold=0.0)
+    theirs.weight = bnb.nn.Int8Params(ours.weight.data.clone(), requires_grad=False, has_fp16_weights=False,
+                                      CB=ours.weight.CB.clone(), SCB=ours.weight.SCB.clone())
+    theirs.bias = torch.nn.Parameter(ours.bias.detach().clone(), requires_grad=False)
+    return theirs
+

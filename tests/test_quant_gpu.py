@@ -9,17 +9,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_frozen_int8_matmul_equals_bitsandbytes_on_gpu(dtype):
-    import bitsandbytes as bnb
+    from test_quant import bitsandbytes_twin
 
     from difflora_kit.quant import quantize_linears
 
     torch.manual_seed(0)
     ours = quantize_linears(torch.nn.Sequential(torch.nn.Linear(320, 640)).cuda())[0]
-    theirs = bnb.nn.Linear8bitLt(320, 640, has_fp16_weights=False, threshold=0.0)
-    theirs.weight = bnb.nn.Int8Params(ours.weight.data.clone(), requires_grad=False, has_fp16_weights=False,
-                                      CB=ours.weight.CB.clone(), SCB=ours.weight.SCB.clone())
-    theirs.bias = torch.nn.Parameter(ours.bias.detach().clone(), requires_grad=False)
-    theirs = theirs.cuda()
+    theirs = bitsandbytes_twin(ours).cuda()
     x = (torch.randn(2, 77, 320, device="cuda") * 3).to(dtype).requires_grad_(True)
     grad = torch.randn(2, 77, 640, device="cuda").to(dtype)
     y = ours(x)
