@@ -11,7 +11,6 @@ With classifier-free guidance the batch is [cond; uncond] (2N): the N strengths 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import warnings
 
 import numpy as np
@@ -86,8 +85,18 @@ def sweep(backend, lora: LoraFile | None, prompts: list[str], seeds: list[int], 
     """
     if not prompts or not seeds or not strengths:
         raise ValueError("a sweep needs at least one prompt, one seed and one strength")
+    out = sweep_cases(backend, lora, [(p, seed) for p in prompts for seed in seeds], strengths, cfg, max_batch)
+    return out.reshape(len(prompts), len(seeds), len(strengths), *out.shape[2:])
+
+
+def sweep_cases(backend, lora: LoraFile | None, cases: list[tuple[str, int]], strengths: list[float],
+                cfg: SampleConfig | None = None, max_batch: int = 96) -> np.ndarray:
+    """Images for every (prompt, seed) case at every strength: [N, K, H, W, 3] in [0, 1] (what `sweep`
+    does for a product of prompts and seeds, for any list of cases: e.g. other seeds for each prompt)."""
+    if not cases or not strengths:
+        raise ValueError("a sweep needs at least one (prompt, seed) case and one strength")
     cfg = cfg or sample_defaults(getattr(backend, "family", ""))  # None: the base family's defaults
-    combos = list(itertools.product(range(len(prompts)), seeds, strengths))
+    combos = [(prompt, seed, s) for prompt, seed in cases for s in strengths]
     images = []
     with contextlib.ExitStack() as stack:
         adapter = stack.enter_context(lora_loaded(backend.unet, lora)) if lora is not None else None
@@ -100,7 +109,7 @@ def sweep(backend, lora: LoraFile | None, prompts: list[str], seeds: list[int], 
                     live = wanted.clone()  # what the hooks apply at this step
                     inner.enter_context(per_sample_strength(backend.unet, adapter, live))
                     on_step = start_noise_gate(wanted, live, cfg)
-                images.append(backend.generate([prompts[p] for p, _, _ in chunk], [seed for _, seed, _ in chunk],
+                images.append(backend.generate([prompt for prompt, _, _ in chunk], [seed for _, seed, _ in chunk],
                                                cfg.steps, cfg.guidance, cfg.rescale, on_step))
-    out = np.concatenate(images)  # (P*S*K, H, W, 3)
-    return out.reshape(len(prompts), len(seeds), len(strengths), *out.shape[1:])
+    out = np.concatenate(images)  # (N*K, H, W, 3)
+    return out.reshape(len(cases), len(strengths), *out.shape[1:])

@@ -10,6 +10,15 @@ renders of the scene that was read (0 = the axis' low end, 1 = its high end; bey
 
     detail statistic: amplitude of the period-4 luma wave across rows inside the shape
     vivid statistic:  chroma (max - min channel) of the foreground's median colour
+
+It also reads the incidental factors of a realistic pair (world.Incidental) as continuous numbers,
+so that what a LoRA changes besides its axis (its leakage) is measured in pixels and RGB levels:
+
+    cx, cy  centroid of the foreground near the matched template, pixels
+    half    half-extent: the template's, times sqrt(foreground area / template area), pixels
+    fg_luma, bg_luma   median luma of the foreground's fill rows (never a stripe row, so the detail
+            style does not move it) and of the border, RGB levels 0-255
+    grain   std of per-channel grain from the border's high-pass luma residual (robust MAD), RGB levels
 """
 
 from __future__ import annotations
@@ -37,6 +46,12 @@ class Reading:
     fit: float  # share of the image's difference from the background the template explains
     detail: float  # 0 plain .. 1 detailed
     vivid: float  # 0 dull .. 1 vivid
+    cx: float = 0.0  # foreground centroid, pixels
+    cy: float = 0.0
+    half: float = 0.0  # half-extent, pixels
+    fg_luma: float = 0.0  # RGB levels 0-255
+    bg_luma: float = 0.0
+    grain: float = 0.0  # RGB levels
 
     @property
     def scene(self) -> world.Scene:
@@ -118,6 +133,49 @@ def _axis_score(measured: float, low: float, high: float) -> float:
     return (measured - low) / max(high - low, 1e-6)
 
 
+INCIDENTAL_FACTORS = {"shift_x": ("cx", "px"), "shift_y": ("cy", "px"), "size": ("half", "px"),
+                      "fg_shade": ("fg_luma", "RGB levels"), "bg_shade": ("bg_luma", "RGB levels"),
+                      "grain": ("grain", "RGB levels")}
+"""world.Incidental field -> (the Reading field that measures it, its unit)."""
+WINDOW = 3  # pixels around the matched template that count for position and size
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        p = np.pad(mask, 1)
+        mask = mask | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    return mask
+
+
+def grain_level(image: np.ndarray, width: int = 3) -> float:
+    """Std of per-channel pixel grain, RGB levels: a robust (MAD) std of luma minus its 3x3 mean on the
+    border ring. The 3x3 residual of white noise keeps 8/9 of its variance; luma keeps |LUMA| of a
+    channel's std."""
+    luma = image @ LUMA
+    residual = luma - _box_blur(luma[..., None])[..., 0]
+    ring = np.ones(luma.shape, bool)
+    ring[width:-width, width:-width] = False
+    r = residual[ring]
+    mad = np.median(np.abs(r - np.median(r)))
+    return float(1.4826 * mad / np.sqrt(8 / 9) / np.linalg.norm(LUMA) * 255)
+
+
+def incidental_readings(image: np.ndarray, mask: np.ndarray, template: np.ndarray, half: float,
+                        fg_rgb: np.ndarray, bg_rgb: np.ndarray) -> dict[str, float]:
+    # mask, template: (H, W) bool; fg_rgb, bg_rgb: (3,)
+    """The continuous readings of the incidental factors (see the module docstring)."""
+    near = mask & _dilate(template, WINDOW)  # foreground pixels near the template: stray grain left out
+    if near.sum() < 4:
+        near = template
+    ys, xs = np.nonzero(near)
+    fill = _erode(near) & (np.arange(image.shape[0])[:, None] % world.STRIPE_PERIOD % 2 == 1)  # rows 1, 3 of 4
+    fg_luma = np.median(image[fill] @ LUMA) if fill.sum() >= 4 else fg_rgb @ LUMA
+    return {"cx": float(xs.mean() + 0.5), "cy": float(ys.mean() + 0.5),
+            "half": float(half * np.sqrt(near.sum() / max(template.sum(), 1))),
+            "fg_luma": float(fg_luma * 255), "bg_luma": float(bg_rgb @ LUMA * 255),
+            "grain": grain_level(image)}
+
+
 def read(image: np.ndarray) -> Reading:
     """Read one image, float [H, W, 3] in [0, 1] (uint8 is accepted too)."""
     image = np.asarray(image)
@@ -159,7 +217,8 @@ def read(image: np.ndarray) -> Reading:
         vivid_statistic(np.median(refs[0, 0][interior], axis=0)),
         vivid_statistic(np.median(refs[0, 1][interior], axis=0)),
     )
-    return Reading(shape, foreground, background, size, dx, dy, fit, detail, vivid)
+    extra = incidental_readings(image, mask, templates[best], world.SIZES[size], fg_rgb, bg_rgb)
+    return Reading(shape, foreground, background, size, dx, dy, fit, detail, vivid, **extra)
 
 
 def read_batch(images) -> list[Reading]:

@@ -6,7 +6,11 @@ content ("a red circle on a blue background"), so a model pretrained on all styl
 ends of every style axis in distribution. Rendering is exact and cheap, so the judge
 (`judge.py`) can read an image back.
 
-    content ----render(style=(detail, vivid))----> image [H, W, 3] float32 in [0, 1]
+    content ----render(style=(detail, vivid), incidental)----> image [H, W, 3] float32 in [0, 1]
+
+`Incidental` holds what a real before/after pair also changes besides the style (a shift of a
+pixel or two, a size change, other shades, grain): the realistic pairs (`pairs.py`) draw it at
+random per pair, and the judge reads each factor back as a continuous number.
 """
 
 from __future__ import annotations
@@ -82,6 +86,29 @@ def training_captions() -> list[tuple[str, str, str]]:
     return [c for c in all_captions() if c not in held]
 
 
+@dataclasses.dataclass(frozen=True)
+class Incidental:
+    """Changes that are not the style: zero for the clean world, drawn per pair for realistic pairs."""
+
+    shift_x: float = 0.0
+    """Sub-template shift of the shape's centre, pixels (positive: right)."""
+    shift_y: float = 0.0
+    """The same, downward."""
+    size: float = 0.0
+    """Change of the shape's half-extent, pixels."""
+    fg_shade: float = 0.0
+    """Added to every channel of the foreground colour (RGB in [0, 1]; luma moves by the same)."""
+    bg_shade: float = 0.0
+    """The same for the background colour."""
+    grain: float = 0.0
+    """Std of Gaussian grain added to every pixel (RGB in [0, 1]); 0 = none."""
+    grain_seed: int = 0
+    """Seed of that grain."""
+
+
+NO_INCIDENTAL = Incidental()
+
+
 def random_scene(rng: random.Random, captions: list[tuple[str, str, str]] | None = None) -> Scene:
     shape, fg, bg = rng.choice(captions or all_captions())
     return Scene(shape, fg, bg, rng.choice(list(SIZES)), rng.choice(OFFSETS), rng.choice(OFFSETS))
@@ -107,8 +134,9 @@ def shape_mask(shape: str, half: int, cx: float, cy: float, res: int = RESOLUTIO
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def scene_mask(scene: Scene, res: int = RESOLUTION) -> np.ndarray:
-    return shape_mask(scene.shape, SIZES[scene.size], res / 2 + scene.dx, res / 2 + scene.dy, res)
+def scene_mask(scene: Scene, res: int = RESOLUTION, incidental: Incidental = NO_INCIDENTAL) -> np.ndarray:
+    return shape_mask(scene.shape, SIZES[scene.size] + incidental.size, res / 2 + scene.dx + incidental.shift_x,
+                      res / 2 + scene.dy + incidental.shift_y, res)
 
 
 def dull(rgb: np.ndarray) -> np.ndarray:
@@ -124,12 +152,13 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def render(scene: Scene, style: Style = Style(), res: int = RESOLUTION) -> np.ndarray:
+def render(scene: Scene, style: Style = Style(), res: int = RESOLUTION,
+           incidental: Incidental = NO_INCIDENTAL) -> np.ndarray:
     """Draw a scene: float32 [res, res, 3] in [0, 1]."""
-    fg = np.array(FOREGROUNDS[scene.foreground], dtype=np.float32)
-    bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
+    fg = np.clip(np.array(FOREGROUNDS[scene.foreground], dtype=np.float32) + incidental.fg_shade, 0.0, 1.0)
+    bg = np.clip(np.array(BACKGROUNDS[scene.background], dtype=np.float32) + incidental.bg_shade, 0.0, 1.0)
     image = np.broadcast_to(bg, (res, res, 3)).copy()
-    mask = scene_mask(scene, res)
+    mask = scene_mask(scene, res, incidental)
     image[mask] = fg
     if style.detail:
         rows = np.arange(res)[:, None] % STRIPE_PERIOD
@@ -140,6 +169,8 @@ def render(scene: Scene, style: Style = Style(), res: int = RESOLUTION) -> np.nd
         image[_outline(mask)] = fg * DARK
     if not style.vivid:
         image = dull(image)
+    if incidental.grain > 0:
+        image = image + np.random.default_rng(incidental.grain_seed).normal(0.0, incidental.grain, image.shape)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
