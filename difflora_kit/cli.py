@@ -8,6 +8,7 @@
     difflora make-pairs --out DIR ; difflora pretrain --out DIR
     difflora average L1.safetensors L2.safetensors ... --out AVG.safetensors [--weights 0.5,0.5] [--rank N|auto]
     difflora pairs METADATA.jsonl --out DIR [--axis detail] [--limit N] [--rank-out N|auto]
+    difflora stability METADATA.jsonl | --from PAIRS_DIR --axis detail --n 1,2,4,8,16 --subsets 8 --out DIR
 """
 
 from __future__ import annotations
@@ -145,6 +146,23 @@ def _finish(path: Path, the_lora, checkpoint: Path) -> None:
     checkpoint.unlink(missing_ok=True)
 
 
+def _health(plain_base, lora2, prompt: str, image2) -> dict:
+    """LoRA 2's health report on the plain base (difflora_kit.health), stamped into its metadata."""
+    from . import health
+
+    report = health.report(plain_base, lora2, prompt, image2)
+    health.stamp(lora2, report)
+    return report
+
+
+def _write_report(path: Path, report: dict, tag: str = "LoRA 2", shown: str | None = None) -> None:
+    """Write the report (atomically) and print its verdict line and advice; `shown`: the path printed."""
+    from . import health
+
+    health.save(path, report)
+    print(f"{tag} health: {report['line']} [{report['seconds']:.1f} s; {shown or path}]\n  try: {report['advice']}")
+
+
 def cmd_train(args) -> None:
     from . import pair
     from .checkpoint import checkpoint_path
@@ -152,13 +170,20 @@ def cmd_train(args) -> None:
     from .images import load_image
 
     check_writable(args.out, args.force)
+    report_path = Path(args.out).with_suffix(".report.json") if args.preset_lora and not args.no_report else None
+    if report_path is not None:
+        check_writable(report_path, args.force)
     image = load_image(args.image, _model_size(args.base), args.resize)
     preset = load_lora(args.preset_lora, args.base) if args.preset_lora else None
     ckpt = checkpoint_path(args.out)
-    result = pair.train_stage(image, args.prompt, _train_cfg(args), args.base, preset, checkpoint=ckpt, resume=args.resume)
+    cfg = _train_cfg(args)
+    result = pair.train_stage(image, args.prompt, cfg, args.base, preset, checkpoint=ckpt, resume=args.resume)
+    report = _health(pair.prepare_base(args.base, cfg), result.lora, args.prompt, image) if report_path else None
     _finish(args.out, result.lora, ckpt)
     print(f"wrote {args.out} (stage {result.lora.meta['stage']}, {len(result.losses)} steps in {result.seconds:.1f} s, "
           f"final loss {result.losses[-1]:.4f})")
+    if report is not None:
+        _write_report(report_path, report)
 
 
 def cmd_pair(args) -> None:
@@ -169,8 +194,9 @@ def cmd_pair(args) -> None:
 
     out = Path(args.out)
     paths = out / "lora1.safetensors", out / "lora2.safetensors"
+    report_path = None if args.no_report else out / "report.json"
     step1_done = args.resume and paths[0].is_file()  # resuming after step 1 finished: keep its LoRA
-    for path in paths[1 if step1_done else 0:]:
+    for path in [*paths[1 if step1_done else 0:], *([report_path] if report_path else [])]:
         check_writable(path, args.force)
     size = _model_size(args.base)
     image1, image2 = load_image(args.image1, size, args.resize), load_image(args.image2, size, args.resize)
@@ -187,8 +213,11 @@ def cmd_pair(args) -> None:
     step2 = pair.train_stage(image2, args.prompt, cfg, args.base, lora1, checkpoint=checkpoint_path(paths[1]),
                              resume=args.resume)
     step2.lora.meta["image1_digest"] = lora1.meta.get("image_digest", "")
+    report = _health(pair.prepare_base(args.base, cfg), step2.lora, args.prompt, image2) if report_path else None
     _finish(paths[1], step2.lora, checkpoint_path(paths[1]))
     print(f"wrote {paths[0]} and {paths[1]} (step 2 {step2.seconds:.1f} s)")
+    if report is not None:
+        _write_report(report_path, report)
 
 
 def cmd_sample(args) -> None:
@@ -242,7 +271,7 @@ def cmd_demo(args) -> None:
 def cmd_make_pairs(args) -> None:
     from .toy.pairs import make_pairs
 
-    print(f"wrote {make_pairs(args.out, args.per_axis, args.seed, args.force)}")
+    print(f"wrote {make_pairs(args.out, args.per_axis, args.seed, args.force, args.realistic)}")
 
 
 def cmd_pretrain(args) -> None:
@@ -310,6 +339,41 @@ def _select_pairs(rows: list[dict], axis: str | None, limit: int | None) -> list
     return rows[:limit] if limit else rows
 
 
+def _dud_members(entries: list[dict], mode: str, dud_weight: float) -> tuple[list[int], list[float] | None, dict, str]:
+    """Which LoRA 2s the average takes, under --duds keep|drop|down-weight (a dud: a health verdict other
+    than "transfers"): (their positions in `entries`, weights (None: 1/N each), index.json's record, a line)."""
+    from .health import TRANSFERS
+
+    everyone = list(range(len(entries)))
+    record = {"duds": mode, "left_out": [], "down_weighted": [], "kept_duds": []}
+    if any("verdict" not in e for e in entries):
+        return everyone, None, {**record, "duds": "keep"}, "no health reports (--no-report): every LoRA 2 is averaged"
+    duds = [k for k, e in enumerate(entries) if e["verdict"] != TRANSFERS]
+    named = ", ".join(f"{entries[k]['dir']} ({entries[k]['verdict']})" for k in duds)
+    if not duds:
+        return everyone, None, record, f"duds (--duds {mode}): none, every LoRA 2's verdict is '{TRANSFERS}'"
+    of = f"{len(duds)} of {len(entries)} LoRA 2s"
+    if mode == "keep":
+        record["kept_duds"] = [{"dir": entries[k]["dir"], "verdict": entries[k]["verdict"]} for k in duds]
+        return everyone, None, record, f"duds (--duds keep): {of} averaged at full weight although not '{TRANSFERS}': {named}"
+    if mode == "drop":
+        members = [k for k in everyone if k not in duds]
+        if not members:
+            raise UserError(f"--duds drop leaves nothing to average: every LoRA 2 is a dud ({named}). Use --duds keep "
+                            "(or --duds down-weight) to average them anyway, or train longer / check the pairs "
+                            "(each pair_XXX/report.json says what to try)")
+        record["left_out"] = [{"dir": entries[k]["dir"], "verdict": entries[k]["verdict"],
+                               "reason": f"health verdict '{entries[k]['verdict']}' (--duds drop)"} for k in duds]
+        return members, None, record, f"duds (--duds drop): left out {of} from the average: {named}"
+    raw = [dud_weight if k in duds else 1.0 for k in everyone]
+    weights = [w / sum(raw) for w in raw]
+    record["down_weighted"] = [{"dir": entries[k]["dir"], "verdict": entries[k]["verdict"], "weight": round(weights[k], 6),
+                                "reason": f"health verdict '{entries[k]['verdict']}' (--duds down-weight, "
+                                          f"--dud-weight {dud_weight:g} before normalising)"} for k in duds]
+    return everyone, weights, record, (f"duds (--duds down-weight): {of} at weight {dud_weight:g} before normalising "
+                                       f"({weights[duds[0]]:.3g} after, the others {max(weights):.3g}): {named}")
+
+
 def cmd_pairs(args) -> None:
     from . import average, distributed, lora, pair
     from .files import atomic_directory, check_writable
@@ -319,13 +383,18 @@ def cmd_pairs(args) -> None:
     check_writable(args.out, args.force)
     rank, energy = _rank_energy(args.rank_out, args.energy, "--rank-out")
     cfg = _train_cfg(args)
+    if args.no_report and args.duds != "keep":
+        raise UserError(f"--duds {args.duds} reads the LoRA 2s' health reports: leave out --no-report (or use --duds keep)")
+    if not 0 < args.dud_weight <= 1:
+        raise UserError(f"--dud-weight must be in (0, 1] (--duds drop leaves duds out), got {args.dud_weight!r}")
     rows = _select_pairs(read_pairs(args.metadata), args.axis, args.limit)
     size = _model_size(args.base)
     images = [(load_image(r["image1"], size, args.resize), load_image(r["image2"], size, args.resize)) for r in rows]
 
     def train_share(group, tmp: Path) -> dict[int, tuple[dict, lora.LoraFile]]:
-        """Train and write this process' pairs (all of them for one process): {i: (index entry, LoRA 2)}."""
-        done = {}
+        """Train and write this process' pairs (all of them for one process): {i: (index entry, LoRA 2)},
+        each LoRA 2 with its health report (on this process' plain base, loaded once)."""
+        done, plain = {}, None
         for i in distributed.shard(len(rows), group.processes, group.index):
             row, (image1, image2) = rows[i], images[i]
             if not tmp.is_dir():  # removed: another process failed; train and write nothing more
@@ -333,11 +402,20 @@ def cmd_pairs(args) -> None:
                                                   f"{tmp} is gone: another process failed (its error is above)")
             print(f"pair {i + 1}/{len(rows)}{group.tag}: {row['prompt']!r}")
             result = pair.train_pair(image1, image2, row["prompt"], cfg, args.base)
+            report = None
+            if not args.no_report:
+                plain = pair.prepare_base(args.base, cfg) if plain is None else plain
+                report = _health(plain, result.lora2, row["prompt"], image2)  # stamped before the LoRA is saved
             pair.save_pair(result, tmp / f"pair_{i:03d}")
             done[i] = ({"dir": f"pair_{i:03d}", "image1": row["image1"], "image2": row["image2"],
                         "prompt": row["prompt"], "axis": row.get("axis", ""), "lora1_digest": result.lora1.digest(),
                         "lora2_digest": result.lora2.digest(),
                         "seconds": round(result.step1.seconds + result.step2.seconds, 2)}, result.lora2)
+            if report is not None:
+                done[i][0].update(verdict=report["verdict"], other_change=float(f"{report['other_change']:.4g}"),
+                                  drag=float(f"{report['drag']:.4g}"))
+                _write_report(tmp / f"pair_{i:03d}" / "report.json", report, f"pair {i + 1}/{len(rows)} LoRA 2",
+                              f"pair_{i:03d}/report.json")
         return done
 
     # One process, or under accelerate launch / torchrun a share of the pairs each (difflora_kit.distributed).
@@ -352,15 +430,17 @@ def cmd_pairs(args) -> None:
             with atomic_directory(args.out) as tmp:  # DIR appears whole at the end, or not at all
                 done = train_share(group, group.share_folder(tmp))
                 shares = group.gather({i: entry for i, (entry, _) in done.items()})  # waits for every process
-                entries = sorted((i, e) for share in shares for i, e in share.items())
-                # in pair order, not process order; another process' LoRA 2 from the file it wrote
+                indexed = sorted((i, e) for share in shares for i, e in share.items())  # pair order, not process order
+                entries = [e for _, e in indexed]
+                members, weights, duds, dud_note = _dud_members(entries, args.duds, args.dud_weight)
+                # the members' LoRA 2s; another process' from the file it wrote
                 lora2s = [done[i][1] if i in done else lora.load(tmp / e["dir"] / "lora2.safetensors")
-                          for i, e in entries]
-                entries = [e for _, e in entries]
-                avg = average.average(lora2s, None, rank, energy)
+                          for i, e in (indexed[k] for k in members)]
+                avg = average.average(lora2s, weights, rank, energy)
                 lora.save(tmp / "average.safetensors", avg.lora)
                 summary = {"file": "average.safetensors", "method": avg.method,
-                           "members": [e["lora2_digest"] for e in entries],
+                           "members": [entries[k]["lora2_digest"] for k in members],
+                           "weights": [round(w, 6) for w in avg.weights], **duds,
                            "rank": max(average.module_ranks(avg.lora).values()),
                            "rank_setting": rank if rank is not None else "exact",
                            "energy_kept": avg.svd.energy if avg.svd else 1.0}
@@ -370,9 +450,51 @@ def cmd_pairs(args) -> None:
                 (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     except distributed.PeerFailedError as e:
         raise UserError(str(e)) from None
+    print(dud_note)
     print(average.format_report(avg))
     print(f"wrote {len(rows)} pairs (pair_000 ...), average.safetensors and index.json in {args.out}"
           + (f" ({group.processes} processes)" if group.processes > 1 else ""))
+
+
+def cmd_stability(args) -> None:
+    from . import stability
+    from .config import SampleConfig
+
+    if (args.metadata is None) == (args.from_dir is None):
+        raise UserError("give a pairs METADATA file (its pairs are trained) or --from DIR (the folder of a "
+                        "`difflora pairs` run, whose LoRA 2s are reused), not both")
+    ns = sorted(set(args.n))
+    if not ns or ns[0] < 1:
+        raise UserError(f"--n takes pair counts >= 1, e.g. 1,2,4,8,16; got {args.n}")
+    cfg = _train_cfg(args) if args.metadata is not None else None
+    result = stability.run(args.out, args.metadata, args.from_dir, args.axis, tuple(ns), args.subsets, cfg, args.base,
+                           args.prompts, args.seeds_per_prompt, args.candidates, SampleConfig(steps=args.sample_steps),
+                           args.limit, args.seed_subsets, args.force)
+    print(stability.table(result))
+    print(stability.describe_goals(result))
+    print(f"wrote stability.json, stability.md and stability.png in {args.out}")
+
+
+def _add_stability_parser(sub, common) -> None:
+    p = sub.add_parser("stability", help="why average: the effect, leakage and spread of averages of N LoRA 2s, against N",
+                       epilog="Toy model only (the judge reads effect and leakage). Example: difflora stability "
+                              "data_samples/pairs_realistic/metadata.jsonl --axis detail --n 1,4,8 --subsets 4 --out DIR")
+    p.add_argument("metadata", type=Path, nargs="?", default=None, help="pairs metadata.jsonl: its pairs are trained")
+    p.add_argument("--from", dest="from_dir", type=Path, default=None,
+                   help="the folder of a `difflora pairs` run: reuse its LoRA 2s instead of training")
+    p.add_argument("--out", type=Path, required=True, help="DIR: stability.json, stability.md, stability.png")
+    p.add_argument("--axis", default=None, help="the pairs' style axis (detail or vivid; default: the pool's)")
+    p.add_argument("--n", type=_ints, default=[1, 2, 4, 8, 16], help="pair counts N to average, e.g. 1,2,4,8,16")
+    p.add_argument("--subsets", type=int, default=8, help="random subsets of N pairs per N (their overlap is reported)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N pairs of the metadata")
+    p.add_argument("--prompts", type=int, default=8, help="held-out prompts the averages are judged on")
+    p.add_argument("--seeds-per-prompt", type=int, default=4, help="seeds per prompt, where the base draws the axis' low end")
+    p.add_argument("--candidates", type=int, default=16, help="seeds per prompt sampled to find those")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the judged samples")
+    p.add_argument("--seed-subsets", type=int, default=0, help="seed of the subset draw")
+    _add_dataclass_flags(p, TrainConfig)
+    common(p)
+    p.set_defaults(func=cmd_stability)
 
 
 def _add_average_parsers(sub, common) -> None:
@@ -399,6 +521,12 @@ def _add_average_parsers(sub, common) -> None:
     p.add_argument("--rank-out", default=None, help="N or auto: SVD-compress the average (default: exact)")
     p.add_argument("--energy", type=float, default=None, help="with --rank-out auto: energy kept per layer (default 0.99)")
     p.add_argument("--resize", action="store_true", help="resize the images to the model's size")
+    p.add_argument("--no-report", action="store_true", help="skip the LoRA 2s' health reports (pair_XXX/report.json)")
+    p.add_argument("--duds", choices=("keep", "drop", "down-weight"), default="keep",
+                   help="LoRA 2s whose health verdict is not 'transfers': averaged like the others (keep, default), "
+                        "left out (drop) or given --dud-weight (down-weight); index.json records which and why")
+    p.add_argument("--dud-weight", type=float, default=0.25,
+                   help="with --duds down-weight: a dud's weight before the weights are normalised (default 0.25)")
     _add_dataclass_flags(p, TrainConfig)
     common(p)
     p.set_defaults(func=cmd_pairs)
@@ -422,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset-lora", "--preset_lora_path", dest="preset_lora", type=Path, default=None,
                    help="LoRA 1: fused into the base first, which makes this step 2")
     p.add_argument("--resize", action="store_true", help="resize the image to the model's size")
+    p.add_argument("--no-report", action="store_true",
+                   help="with --preset-lora: skip LoRA 2's health report (OUT with .report.json for .safetensors)")
     _add_dataclass_flags(p, TrainConfig)
     common(p)
     p.set_defaults(func=cmd_train)
@@ -434,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resize", action="store_true", help="resize both images to the model's size")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip LoRA 2's health report (DIR/report.json: does it change other prompts, does it drag "
+                        "them to image 2)")
     _add_dataclass_flags(p, TrainConfig)
     common(p)
     p.set_defaults(func=cmd_pair)
@@ -486,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-pairs", help="write toy image pairs + metadata.jsonl")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--per-axis", type=int, default=24)
+    p.add_argument("--realistic", action="store_true",
+                   help="image 2 also differs by incidental changes drawn per pair (shift, size, shades, grain; "
+                        "zero mean over pairs), recorded in each row and in pairs.json")
     p.add_argument("--seed", type=int, default=0)
     common(p, base=False)
     p.set_defaults(func=cmd_make_pairs)
@@ -500,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, base=False)
     p.set_defaults(func=cmd_pretrain)
     _add_average_parsers(sub, common)
+    _add_stability_parser(sub, common)
     return parser
 
 

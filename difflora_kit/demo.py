@@ -30,6 +30,7 @@ from .toy import world
 from .toy.pairs import read_pairs
 
 DEFAULT_PAIRS = DATA_SAMPLES / "pairs" / "metadata.jsonl"
+REALISTIC_PAIRS = DATA_SAMPLES / "pairs_realistic" / "metadata.jsonl"  # image 2 also differs by incidental changes
 
 
 def quick_configs() -> tuple[TrainConfig, EvalConfig]:

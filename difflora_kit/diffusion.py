@@ -12,6 +12,7 @@ al. 2024), integer t in [0, T) mapped to a shifted noise level sigma in (0, 1]:
     mu = base_shift + (max_shift - base_shift) (n - base_image_seq_len) / (max_image_seq_len - base_image_seq_len)
          for n = image tokens (latent h w / 4: FLUX packs 2x2 latent patches into one token)
     x_t = (1 - sigma) x0 + sigma eps ;  target = eps - x0     (the velocity the model predicts)
+The clean-image estimate from a model output inverts this (predicted_x0; the health report uses it).
 Sampling: classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023,
 "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16), then a DDIM step.
 (FLUX samples with its own Euler loop on the flow: flux_backend.FluxBackend.generate.)
@@ -74,6 +75,29 @@ def noisy_and_target(
         return x_t, scheduler.get_velocity(x0, noise, t)
     if kind == "sample":
         return x_t, x0
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def predicted_x0(scheduler, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean-image estimate x0 from a model output `out` at x_t, t (the inverse of noisy_and_target
+    on its target). x_t, out: (B, C, H, W); t: (B,) integer timesteps; ab = alpha_bar_t:
+        epsilon:       x0 = (x_t - sqrt(1 - ab) out) / sqrt(ab)
+        v_prediction:  x0 = sqrt(ab) x_t - sqrt(1 - ab) out
+        sample:        x0 = out
+        flow matching: x0 = x_t - sigma out          (sigma as noisy_and_target computes it)"""
+    shape = (-1, *([1] * (x_t.ndim - 1)))
+    if is_flow(scheduler):
+        n_tokens = (x_t.shape[-2] // 2) * (x_t.shape[-1] // 2)
+        sigma = flow_sigma(scheduler.config, t, scheduler.config.num_train_timesteps, n_tokens)
+        return x_t - sigma.to(x_t.device, x_t.dtype).view(shape) * out
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return out
+    ab = scheduler.alphas_cumprod.to(x_t.device, x_t.dtype)[t.to(x_t.device)].view(shape)  # (B, 1, 1, 1)
+    if kind == "epsilon":
+        return (x_t - (1 - ab) ** 0.5 * out) / ab ** 0.5
+    if kind == "v_prediction":
+        return ab ** 0.5 * x_t - (1 - ab) ** 0.5 * out
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 

@@ -65,7 +65,7 @@ def test_pair_of_different_sizes(capsys, tmp_path):
     assert not (tmp_path / "p").exists()
     code, err = run(capsys, "pair", ROW["image1"], big, "--prompt", ROW["prompt"], "--out", tmp_path / "p", "--resize", *FAST)
     assert code == 0, err
-    assert leftovers(tmp_path / "p") == ["lora1.safetensors", "lora2.safetensors"]
+    assert leftovers(tmp_path / "p") == ["lora1.safetensors", "lora2.safetensors", "report.json"]
 
 
 def test_empty_prompt(capsys, tmp_path):
