@@ -16,8 +16,10 @@ toy.effects, at s = 1): "drags image 2's content" if content kept < 80%; else "n
 prompts" if the axis effect < 0.3; else "transfers".
 
 The report's two thresholds (health.Thresholds: drag above which it drags, other-prompt change
-below which it has no effect) are chosen on the calibration set (the best agreement over a grid of
-the observed values' midpoints); the agreement and confusion matrix are then read on validation.
+below which it has no effect) and its noise levels (LEVELS: two candidate pairs of fractions of T)
+are chosen on the calibration set (the best agreement over a grid of the observed values'
+midpoints); the agreement and confusion matrix are then read on validation, for the chosen
+setting only.
 Writes bench/results/health_validation.{json,md}.
 """
 
@@ -43,6 +45,7 @@ from difflora_kit.toy import effects  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = (health.TRANSFERS, health.NO_EFFECT, health.DRAGS)
 KEPT_BELOW, EFFECT_BELOW = 0.8, 0.3  # the judge's label rule (fixed before the reports)
+LEVELS = ((0.5, 0.8), (0.8, 0.95))  # candidate probe noise levels (health.HealthConfig.levels)
 
 
 def judge_label(judged: dict) -> str:
@@ -131,19 +134,31 @@ def main() -> None:
     for item in items:
         l2 = lora.load(item["path"])
         judged = effects.judge_lora(backend, l2, cases[item["axis"]])["per_strength"][0]
-        t0 = time.time()
-        figures = health.measure(backend, l2, item["prompt"], load_image(item["image2"]))
-        report_seconds.append(time.time() - t0)
-        rows.append({**{k: str(v) if k == "path" else v for k, v in item.items()},
-                     "label": judge_label(judged), "effect": judged["effect_mean"], "content_kept": judged["content_kept"],
-                     **{k: figures[k] for k in ("own_change", "other_change", "transfer", "drag")}})
+        row = {**{k: str(v) if k == "path" else v for k, v in item.items()},
+               "label": judge_label(judged), "effect": judged["effect_mean"], "content_kept": judged["content_kept"]}
+        for levels in LEVELS:
+            t0 = time.time()
+            figures = health.measure(backend, l2, item["prompt"], load_image(item["image2"]), health.HealthConfig(levels=levels))
+            report_seconds.append(time.time() - t0)
+            row[str(levels)] = {k: figures[k] for k in ("own_change", "other_change", "transfer", "drag", "own_drag")}
+        rows.append(row)
     kinds = sorted({r["kind"] for r in rows})
     calibration = [r for k in kinds for r in [x for x in rows if x["kind"] == k][0::2]]
     validation = [r for k in kinds for r in [x for x in rows if x["kind"] == k][1::2]]
-    t = fit_thresholds(calibration)
+    fits = {}
+    for levels in LEVELS:
+        cal = [{**r, **r[str(levels)]} for r in calibration]
+        t = fit_thresholds(cal)
+        fits[levels] = (confusion(cal, t)[1], t)
+    levels = max(LEVELS, key=lambda lv: fits[lv][0])  # the first (the default) on a tie
+    t = fits[levels][1]
+    calibration = [{**r, **r[str(levels)]} for r in calibration]
+    validation = [{**r, **r[str(levels)]} for r in validation]
     m_cal, acc_cal = confusion(calibration, t)
     m_val, acc_val = confusion(validation, t)
-    lines = [f"Thresholds set on the calibration set ({len(calibration)} LoRAs): drag above {t.drags_above:.3f} -> "
+    lines = ["Calibration agreement by probe levels: " + ", ".join(f"{lv}: {fits[lv][0]:.0%}" for lv in LEVELS)
+             + f"; chosen: levels {levels}.", "",
+             f"Thresholds set on the calibration set ({len(calibration)} LoRAs): drag above {t.drags_above:.3f} -> "
              f"drags; other-prompt change below {t.no_effect_below:.3f} -> no effect. Agreement with the judge: "
              f"calibration {acc_cal:.0%}, **validation {acc_val:.0%}** ({len(validation)} LoRAs).", "",
              "Validation (rows: the judge's label; columns: the report's verdict):", "", matrix_table(m_val), "",
@@ -154,9 +169,10 @@ def main() -> None:
         for r in subset:
             lines.append(f"| {name} | {r['kind']} | {r['axis']} | {r['effect']:+.2f}, {r['content_kept']:.0%} -> {r['label']} | "
                          f"{r['other_change']:.3f}, {r['drag']:+.3f} -> {health.verdict(r, t)[0]} |")
-    lines += ["", f"Report time: median {np.median(report_seconds):.2f} s per LoRA (toy, 8-bit base, this CPU); "
+    lines += ["", f"Report time: median {np.median(report_seconds):.2f} s per LoRA and setting (toy, 8-bit base, this CPU); "
               f"training the extra LoRAs took {trained:.0f} s."]
-    write_result("health_validation", {"thresholds": {"no_effect_below": t.no_effect_below, "drags_above": t.drags_above},
+    write_result("health_validation", {"levels": list(levels),
+                                       "thresholds": {"no_effect_below": t.no_effect_below, "drags_above": t.drags_above},
                                        "agreement": {"calibration": acc_cal, "validation": acc_val},
                                        "confusion_validation": m_val.tolist(), "confusion_calibration": m_cal.tolist(),
                                        "labels": LABELS, "rows": rows, "report_seconds": report_seconds},

@@ -4,7 +4,7 @@ Measured right after step 2, with LoRA 2 on the *plain* base (LoRA 1 dropped), a
 No judge, no sampling loop: a handful of denoiser calls on any base (toy, SD 1.x, SDXL, FLUX).
 
     prompt p, seed -> eps -> x_T -> base(x_T, T-1, p) -> x0_hat      (the base's own one-step guess)
-    x0_hat + fresh noise at mid levels t (0.5 T, 0.8 T) -> x_t         (probes the base itself made)
+    x0_hat + fresh noise at high levels t (0.8 T, 0.95 T) -> x_t       (probes the base itself made)
     one batched call, LoRA at strength 0 | 1 -> x0_off, x0_on          (the same rows, LoRA off and on)
 
     change(p) = RMS(x0_on - x0_off) / scale          scale = RMS(z2 - mean z2), z2 = image 2's latent
@@ -20,7 +20,7 @@ leaky LoRA 2 (it scores a high drag); a LoRA 2 that changes nothing (other_chang
 
     label = DRAGS      if drag > drags_above
             NO_EFFECT  elif other_change < no_effect_below
-            TRANSFERS  otherwise                              (Thresholds; defaults are placeholders)
+            TRANSFERS  otherwise                              (Thresholds: set on the toy, see there)
 """
 
 from __future__ import annotations
@@ -66,13 +66,16 @@ GENERIC_PROMPTS = (
 
 @dataclasses.dataclass
 class Thresholds:
-    """Where the verdict's labels change (placeholders until a calibration run sets them)."""
+    """Where the verdict's labels change. Set on a calibration set of 20 toy LoRAs labelled by the judge
+    and checked on 20 others (bench/health_validation.py, bench/results/health_validation.md: 75%
+    agreement on validation, the goal was 90%); not calibrated on SD, SDXL or FLUX."""
 
-    no_effect_below: float = 0.05
-    """other_change under this: "no effect on other prompts" (a change of 5% of image 2's latent spread)."""
-    drags_above: float = 0.15
-    """drag over this: "drags image 2's content" (LoRA 2 closes more than 15% of other prompts' distance
-    to image 2). Checked first: a dragging LoRA changes other prompts too."""
+    no_effect_below: float = 0.136
+    """other_change under this: "no effect on other prompts" (a change of 13.6% of image 2's latent spread)."""
+    drags_above: float = 0.021
+    """drag over this: "drags image 2's content" (LoRA 2 closes more than 2.1% of other prompts' distance
+    to image 2; clean toy LoRA 2s measured -0.04 to +0.04, controls +0.12 to +0.27). Checked first: a
+    dragging LoRA changes other prompts too."""
 
 
 @dataclasses.dataclass
@@ -83,8 +86,10 @@ class HealthConfig:
     """Other prompts (the toy: its held-out captions; other families: GENERIC_PROMPTS)."""
     seeds: int = 2
     """Noise seeds per prompt."""
-    levels: tuple[float, ...] = (0.5, 0.8)
-    """Noise levels of the probes, as fractions of the training schedule's T."""
+    levels: tuple[float, ...] = (0.8, 0.95)
+    """Noise levels of the probes, as fractions of the training schedule's T: high noise, where a LoRA
+    that learned image 2's content moves the composition (chosen over (0.5, 0.8) on the calibration
+    set: 85% against 75% agreement)."""
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
     max_batch: int = 96
     """Most rows per denoiser call (LoRA off and on halves together), as sample.sweep's batches."""
