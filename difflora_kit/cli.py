@@ -407,10 +407,7 @@ def cmd_pairs(args) -> None:
                 plain = pair.prepare_base(args.base, cfg) if plain is None else plain
                 report = _health(plain, result.lora2, row["prompt"], image2)  # stamped before the LoRA is saved
             pair.save_pair(result, tmp / f"pair_{i:03d}")
-            done[i] = ({"dir": f"pair_{i:03d}", "image1": row["image1"], "image2": row["image2"],
-                        "prompt": row["prompt"], "axis": row.get("axis", ""), "lora1_digest": result.lora1.digest(),
-                        "lora2_digest": result.lora2.digest(),
-                        "seconds": round(result.step1.seconds + result.step2.seconds, 2)}, result.lora2)
+            done[i] = (pair.index_entry(i, row, result), result.lora2)
             if report is not None:
                 done[i][0].update(verdict=report["verdict"], other_change=float(f"{report['other_change']:.4g}"),
                                   drag=float(f"{report['drag']:.4g}"))

@@ -57,15 +57,20 @@ def flow_sigma(config, t: torch.Tensor, num_train: int, image_seq_len: int) -> t
         torch.as_tensor(t).device)
 
 
+def _batch_sigma(scheduler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A flow scheduler's sigma of each row's timestep, shaped (B, 1, 1, 1) like x (B, C, H, W)."""
+    n_tokens = (x.shape[-2] // 2) * (x.shape[-1] // 2)  # FLUX's 2x2 packed latent tokens
+    sigma = flow_sigma(scheduler.config, t, scheduler.config.num_train_timesteps, n_tokens)
+    return sigma.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
 def noisy_and_target(
     scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, regression target) for the scheduler's prediction type. x0, noise: (B, C, H, W); t: (B,).
     A flow-matching scheduler: x_t = (1 - sigma) x0 + sigma noise, target = noise - x0 (see above)."""
     if is_flow(scheduler):
-        n_tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)  # FLUX's 2x2 packed latent tokens
-        sigma = flow_sigma(scheduler.config, t, scheduler.config.num_train_timesteps, n_tokens)
-        sigma = sigma.to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
+        sigma = _batch_sigma(scheduler, x0, t)
         return (1 - sigma) * x0 + sigma * noise, noise - x0
     x_t = scheduler.add_noise(x0, noise, t)
     kind = scheduler.config.prediction_type
@@ -85,15 +90,12 @@ def predicted_x0(scheduler, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tenso
         v_prediction:  x0 = sqrt(ab) x_t - sqrt(1 - ab) out
         sample:        x0 = out
         flow matching: x0 = x_t - sigma out          (sigma as noisy_and_target computes it)"""
-    shape = (-1, *([1] * (x_t.ndim - 1)))
     if is_flow(scheduler):
-        n_tokens = (x_t.shape[-2] // 2) * (x_t.shape[-1] // 2)
-        sigma = flow_sigma(scheduler.config, t, scheduler.config.num_train_timesteps, n_tokens)
-        return x_t - sigma.to(x_t.device, x_t.dtype).view(shape) * out
+        return x_t - _batch_sigma(scheduler, x_t, t) * out
     kind = scheduler.config.prediction_type
     if kind == "sample":
         return out
-    ab = scheduler.alphas_cumprod.to(x_t.device, x_t.dtype)[t.to(x_t.device)].view(shape)  # (B, 1, 1, 1)
+    ab = scheduler.alphas_cumprod.to(x_t.device, x_t.dtype)[t.to(x_t.device)].view(-1, *([1] * (x_t.ndim - 1)))
     if kind == "epsilon":
         return (x_t - (1 - ab) ** 0.5 * out) / ab ** 0.5
     if kind == "v_prediction":

@@ -105,12 +105,10 @@ class HealthConfig:
 def other_prompts(backend, own: str, n: int) -> list[str]:
     """Up to n prompts other than `own`: the toy's held-out captions, or GENERIC_PROMPTS."""
     if getattr(backend, "family", "") == TOY_FAMILY:
-        from .toy import world
+        from .evaluate import other_prompts as held_out  # the toy's held-out captions, as the claims use them
 
-        captions = [world.Scene(*c).caption for c in world.held_out_captions()]
-    else:
-        captions = list(GENERIC_PROMPTS)
-    return [c for c in captions if c != own][:n]
+        return [scene.caption for scene in held_out(n, exclude=own)]
+    return [c for c in GENERIC_PROMPTS if c != own][:n]
 
 
 def _chunks(n: int, size: int):

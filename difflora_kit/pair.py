@@ -82,6 +82,14 @@ def train_pair(image1: np.ndarray, image2: np.ndarray, prompt: str, cfg: TrainCo
     return PairResult(step1, step2)
 
 
+def index_entry(i: int, row: dict, result: PairResult) -> dict:
+    """The index.json entry of pair i of a many-pairs folder (`difflora pairs`, the stability pool):
+    its folder pair_XXX, images, prompt, axis, the LoRAs' digests and the training time."""
+    return {"dir": f"pair_{i:03d}", "image1": row["image1"], "image2": row["image2"], "prompt": row["prompt"],
+            "axis": row.get("axis", ""), "lora1_digest": result.lora1.digest(), "lora2_digest": result.lora2.digest(),
+            "seconds": round(result.step1.seconds + result.step2.seconds, 2)}
+
+
 def save_pair(result: PairResult, out_dir: Path, force: bool = False) -> tuple[Path, Path]:
     from .files import check_writable
 

@@ -23,6 +23,7 @@ content kept, and what the pairs' own changes leave after averaging (|mean of th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -239,23 +240,19 @@ def read_pool(folder: Path) -> tuple[list[LoraFile], list[dict], dict]:
     return lora2s, rows, index
 
 
-def train_pool(rows: list[dict], cfg, base, folder: Path, progress: bool = True) -> list[LoraFile]:
+def train_pool(rows: list[dict], cfg, base, folder: Path, metadata: Path, progress: bool = True) -> list[LoraFile]:
     """Train LoRA 1 and 2 for every row into `folder` as `difflora pairs` lays it out (pair_XXX/,
     index.json without an average), so that a later `--from folder` reuses them."""
-    import dataclasses
-
-    from . import lora, pair
+    from . import pair
     from .images import load_image
 
     entries, lora2s = [], []
     for i, row in enumerate(tqdm(rows, desc="stability: pairs trained", disable=not progress)):
         result = pair.train_pair(load_image(row["image1"]), load_image(row["image2"]), row["prompt"], cfg, base, False)
         pair.save_pair(result, folder / f"pair_{i:03d}")
-        entries.append({"dir": f"pair_{i:03d}", "image1": row["image1"], "image2": row["image2"], "prompt": row["prompt"],
-                        "axis": row.get("axis", ""), "lora1_digest": result.lora1.digest(),
-                        "lora2_digest": result.lora2.digest(), "seconds": round(result.step1.seconds + result.step2.seconds, 2)})
+        entries.append(pair.index_entry(i, row, result))
         lora2s.append(result.lora2)
-    index = {"metadata": rows[0].get("metadata", ""), "axis": rows[0].get("axis", ""), "base": str(base),
+    index = {"metadata": str(metadata), "axis": rows[0].get("axis", ""), "base": str(base),
              "config": dataclasses.asdict(cfg), "pairs": entries}
     (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return lora2s
@@ -300,23 +297,15 @@ def run(out: Path, metadata: Path | None = None, from_dir: Path | None = None, a
     with atomic_directory(out) as tmp:
         if from_dir is None:
             (tmp / "pairs").mkdir()
-            for r in rows:
-                r.setdefault("metadata", str(metadata))
-            lora2s = train_pool(rows, cfg, base, tmp / "pairs", progress)
+            lora2s = train_pool(rows, cfg, base, tmp / "pairs", metadata, progress)
         trained = time.time()
         backend = prepare_base(base, cfg)  # the 8-bit base LoRA 2 is used on
         cases = effects.low_end_cases(backend, axis, prompts, seeds, candidates, sample_cfg)
         drawn = [drawn_changes(r.get("incidental", {})) for r in rows]
         result = curve(backend, lora2s, cases, list(ns), subsets, drawn, seed, progress)
-        result.update({"source": str(from_dir or metadata), "base": str(base), "train_config": _asdict(cfg),
+        result.update({"source": str(from_dir or metadata), "base": str(base), "train_config": dataclasses.asdict(cfg),
                        "judged_on": {"prompts": prompts, "seeds_per_prompt": seeds, "candidates": candidates,
-                                     "sample": _asdict(cases.sample)},
+                                     "sample": dataclasses.asdict(cases.sample)},
                        "seconds": {"training": round(trained - started, 1), "total": round(time.time() - started, 1)}})
         write(tmp, result)
     return result
-
-
-def _asdict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)

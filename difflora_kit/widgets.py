@@ -152,7 +152,9 @@ def _verdict_html(line: str) -> str:
     """A member's health verdict: green when it transfers, red for a dud, nothing when unknown."""
     if not line:
         return ""
-    colour = "#070" if line.startswith("transfers") else "#b00"
+    from .health import TRANSFERS
+
+    colour = "#070" if line.startswith(TRANSFERS) else "#b00"
     return f'<span style="color:{colour}">{html.escape(line)}</span>'
 
 
@@ -161,13 +163,13 @@ class Averager(_Displayed):
 
     loras: {name: LoraFile} (or a list, named "LoRA 1", ...). Apply samples base + s * average at
     s = 0 and 1 for `scenes` x `seeds` in one batched sweep (evaluate.strength_effect).
-    Beside each member: its health verdict (difflora_kit.health), from `verdicts` {name: line} or
-    else from the LoRA's own metadata (`health_verdict`, stamped after step 2); a dud is shown in red.
+    Beside each member: its health verdict (difflora_kit.health) from the LoRA's metadata
+    (`health_verdict`, stamped after step 2); a dud is shown in red.
     """
 
     def __init__(self, backend, loras: dict[str, LoraFile] | list[LoraFile], scenes: list[world.Scene] | None = None,
                  seeds=(0, 1), axis: str = "detail", sample_cfg: SampleConfig | None = None,
-                 path: str = "average.safetensors", scale: int = 4, verdicts: dict[str, str] | None = None):
+                 path: str = "average.safetensors", scale: int = 4):
         self.loras = dict(loras) if isinstance(loras, dict) else {f"LoRA {i}": l for i, l in enumerate(loras, 1)}
         if not self.loras:
             raise ValueError("give at least one LoRA to average")
@@ -180,7 +182,7 @@ class Averager(_Displayed):
         self.effect: dict | None = None
 
         self.checkboxes = [W.Checkbox(value=True, description=name, indent=False) for name in self.loras]
-        self.verdicts = {name: (verdicts or {}).get(name) or l.meta.get("health_verdict", "") for name, l in self.loras.items()}
+        self.verdicts = {name: l.meta.get("health_verdict", "") for name, l in self.loras.items()}
         self.verdict_labels = [W.HTML(_verdict_html(self.verdicts[name])) for name in self.loras]
         self.weights = [W.FloatText(value=1.0, description="weight", continuous_update=False, layout=W.Layout(width="12em"))
                         for _ in self.loras]

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import sample
 from ..config import SampleConfig
+from ..evaluate import other_prompts
 from ..lora import LoraFile
 from . import judge, world
 
@@ -31,12 +32,11 @@ LOW_END = 0.5  # an s = 0 axis score below this is the axis' low end
 
 @dataclasses.dataclass
 class Cases:
-    """The (prompt, seed) cases a LoRA is judged on, with the base's s = 0 images and readings."""
+    """The (prompt, seed) cases a LoRA is judged on, with the judge's readings of the base at s = 0."""
 
     axis: str
     scenes: list[world.Scene]  # one per case (its prompt's scene)
     seeds: list[int]
-    base_images: np.ndarray  # (N, H, W, 3): the base at s = 0
     base_readings: list[judge.Reading]
     low_end_share: float  # share of the candidate seeds whose s = 0 sample was at the low end
     sample: SampleConfig
@@ -46,12 +46,6 @@ class Cases:
         return [(sc.caption, seed) for sc, seed in zip(self.scenes, self.seeds)]
 
 
-def held_out_scenes(n: int, exclude: str = "") -> list[world.Scene]:
-    """The first n held-out captions (never seen in pretraining), leaving out `exclude`."""
-    scenes = [world.Scene(*c) for c in world.held_out_captions()]
-    return [s for s in scenes if s.caption != exclude][:n]
-
-
 def low_end_cases(backend, axis: str, prompts: int = 8, seeds: int = 4, candidates: int = 16,
                   cfg: SampleConfig | None = None, first_seed: int = 1000, low_end: bool = True) -> Cases:
     """Sample the base for `candidates` seeds per held-out prompt (one batched pass) and keep, per prompt,
@@ -59,10 +53,10 @@ def low_end_cases(backend, axis: str, prompts: int = 8, seeds: int = 4, candidat
     if axis not in world.AXES:
         raise ValueError(f"unknown style axis {axis!r}; the judge scores {', '.join(world.AXES)}")
     cfg = cfg or SampleConfig()
-    scenes = held_out_scenes(prompts)
+    scenes = other_prompts(prompts)  # the held-out captions
     candidate_seeds = list(range(first_seed, first_seed + candidates))
     images = sample.sweep(backend, None, [s.caption for s in scenes], candidate_seeds, [0.0], cfg)[:, :, 0]  # (P, C, ...)
-    keep_scenes, keep_seeds, keep_images, keep_readings, low = [], [], [], [], 0
+    keep_scenes, keep_seeds, keep_readings, low = [], [], [], 0
     for p, scene in enumerate(scenes):
         readings = [judge.read(im) for im in images[p]]
         at_low = [r.score(axis) < LOW_END for r in readings]
@@ -71,13 +65,11 @@ def low_end_cases(backend, axis: str, prompts: int = 8, seeds: int = 4, candidat
         for c in chosen:
             keep_scenes.append(scene)
             keep_seeds.append(candidate_seeds[c])
-            keep_images.append(images[p, c])
             keep_readings.append(readings[c])
     if not keep_seeds:
         raise ValueError(f"the base drew the low end of {axis!r} for none of {candidates} seeds x {prompts} prompts: "
                          "raise `candidates`")
-    return Cases(axis, keep_scenes, keep_seeds, np.stack(keep_images), keep_readings,
-                 low / (len(scenes) * candidates), cfg)
+    return Cases(axis, keep_scenes, keep_seeds, keep_readings, low / (len(scenes) * candidates), cfg)
 
 
 def _kept(a: judge.Reading, b: judge.Reading) -> bool:

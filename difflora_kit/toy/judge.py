@@ -96,10 +96,15 @@ def nearest_colour(rgb: np.ndarray, colours: dict) -> str:
     return names[int(np.argmin(((rgbs - rgb) ** 2).sum(-1)))]
 
 
-def _border_median(image: np.ndarray, width: int = 2) -> np.ndarray:
-    ring = np.ones(image.shape[:2], bool)
+def _border_ring(shape: tuple[int, ...], width: int) -> np.ndarray:
+    """Boolean (H, W) mask of the image's outer `width` pixels."""
+    ring = np.ones(shape[:2], bool)
     ring[width:-width, width:-width] = False
-    return np.median(image[ring], axis=0)
+    return ring
+
+
+def _border_median(image: np.ndarray, width: int = 2) -> np.ndarray:
+    return np.median(image[_border_ring(image.shape, width)], axis=0)
 
 
 def _box_blur(image: np.ndarray) -> np.ndarray:
@@ -153,9 +158,7 @@ def grain_level(image: np.ndarray, width: int = 3) -> float:
     channel's std."""
     luma = image @ LUMA
     residual = luma - _box_blur(luma[..., None])[..., 0]
-    ring = np.ones(luma.shape, bool)
-    ring[width:-width, width:-width] = False
-    r = residual[ring]
+    r = residual[_border_ring(luma.shape, width)]
     mad = np.median(np.abs(r - np.median(r)))
     return float(1.4826 * mad / np.sqrt(8 / 9) / np.linalg.norm(LUMA) * 255)
 
