@@ -42,12 +42,12 @@ TARGETS_GIB = {"sdxl": 10.0, "sd15": 6.0}
 
 def one_run(model: str, resolution: int, steps: int, checkpointing: bool, device: str, matmul: str) -> dict:
     """In its own process: build, fuse a random LoRA 1, train LoRA 2; measure the steps after the first."""
-    from memory import RandomConditionBackend, random_lora, reset_peak_rss, vm_kib
+    from memory import RandomConditionBackend, public_unet, random_lora, reset_peak_rss, vm_kib
 
     from difflora_kit import plan, preset, quant
     from difflora_kit.config import TrainConfig
     from difflora_kit.model_configs import build_unet
-    from difflora_kit.sd_backend import compute_dtype
+    from difflora_kit.devices import compute_dtype
     from difflora_kit.train import train_lora
 
     if matmul == "bnb":  # bitsandbytes' own matmul: keeps each linear's input for the backward pass
@@ -57,7 +57,7 @@ def one_run(model: str, resolution: int, steps: int, checkpointing: bool, device
     cfg = TrainConfig(steps=steps, batch=1, gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
     started = time.time()
-    unet = build_unet(model, dev).to(dtype)  # random init where it runs (fast on a GPU), then the compute dtype
+    unet = build_unet(public_unet(model), dev).to(dtype)  # random init where it runs (fast on a GPU), then the compute dtype
     backend = RandomConditionBackend(model, unet, resolution, dev)
     preset.apply_preset(unet, random_lora(unet, cfg.rank, cfg.targets), 1.0, cfg.preset_mode)
     prepare_s = time.time() - started

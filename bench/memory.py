@@ -63,16 +63,25 @@ def weight_bytes_by_format(unet: torch.nn.Module) -> dict:
 class RandomConditionBackend:
     """What train.train_lora needs from a backend: a real denoiser class, a random latent image and
     random text conditioning of the real shapes (SDXL: pooled embedding and time ids), on `device`
-    (bench/gpu_memory.py uses it on a GPU, in the denoiser's dtype)."""
+    (bench/gpu_memory.py uses it on a GPU, in the denoiser's dtype). It declares the optional parts of
+    difflora_kit.backends.base.Backend that training reads (the UNet defaults, "unet" keys, nothing to offload)."""
+
+    default_targets = None
 
     def __init__(self, name: str, unet, resolution: int, device: str | torch.device = "cpu"):
         from diffusers import DDPMScheduler
 
+        from difflora_kit.backends import registry
         from difflora_kit.model_configs import LATENT_CHANNELS, VAE_SCALE, conditioning
 
-        self.name, self.unet, self.device = name, unet, torch.device(device)
-        self.side, self.channels, self.cond = resolution // VAE_SCALE, LATENT_CHANNELS, conditioning(name, 1)
+        self.name, self.unet, self.device, self.family = name, unet, torch.device(device), registry.get(name)
+        self.lora_prefix = self.family.lora_prefix
+        self.side, self.channels = resolution // VAE_SCALE, LATENT_CHANNELS
+        self.cond = conditioning(registry.public_config(name).unet, 1)
         self.scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def offload_encoders(self):  # no encoders here
+        pass
 
     def encode_images(self, images):  # (1, H, W, 3) -> latents (1, 4, h, w)
         g = torch.Generator().manual_seed(1)
@@ -87,6 +96,13 @@ class RandomConditionBackend:
             extra["added_cond_kwargs"] = {k: v.expand(x.shape[0], -1).to(self.device, dtype)
                                           for k, v in self.cond["added_cond_kwargs"].items()}
         return self.unet(x.to(dtype), t, states.to(dtype), **extra).sample.float()
+
+
+def public_unet(name: str) -> dict:
+    """The public UNet config of a family key (sd15, sdxl): difflora_kit.backends.registry."""
+    from difflora_kit.backends import registry
+
+    return registry.public_config(name).unet
 
 
 def random_lora(unet, rank: int, targets, seed: int = 0):
@@ -117,7 +133,7 @@ def one_run(model: str, mode: str, resolution: int, steps: int) -> dict:
     if model == "toy":
         backend = backends.load_backend("toy")
     else:
-        backend = RandomConditionBackend(model, build_unet(model), resolution)
+        backend = RandomConditionBackend(model, build_unet(public_unet(model)), resolution)
     lora1 = random_lora(backend.unet, cfg.rank, cfg.targets)
     preset.apply_preset(backend.unet, lora1, 1.0, mode)
     prepare_s, prepare_peak = time.time() - started, vm_kib("VmHWM") * 1024
@@ -160,7 +176,7 @@ def main(argv=None) -> None:
 
     formats = {}
     for model in models:
-        unet = backends.load_backend("toy").unet if model == "toy" else build_unet(model, "meta")
+        unet = backends.load_backend("toy").unet if model == "toy" else build_unet(public_unet(model), "meta")
         formats[model] = weight_bytes_by_format(unet)
     runs = []
     for model in models:

@@ -92,7 +92,7 @@ def cmd_convert(args) -> None:
     check_writable(args.out, args.force)
     the_lora = load_lora(args.lora, args.base)
     if args.to == "kohya":
-        kohya.save_kohya(args.out, the_lora)
+        lora.save_kohya(args.out, the_lora)
     else:
         lora.save(args.out, the_lora)
     print(f"wrote {args.out} ({args.to} keys, {len(the_lora.modules())} modules, rank {the_lora.rank})")

@@ -13,6 +13,19 @@ import dataclasses
 # must be adapted too (../shared/toy_experiment).
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
 
+# How a preset LoRA enters the base in step 2 (difflora_kit.preset draws the three).
+PRESET_MODES = ("fuse", "requant", "adapter")
+
+
+def check_mode(mode: str, eight_bit: bool = True) -> str:
+    """`mode` if it is a preset mode that works with `eight_bit`, else a ValueError saying why."""
+    if mode not in PRESET_MODES:
+        raise ValueError(f"preset_mode must be one of {', '.join(PRESET_MODES)}, got {mode!r}")
+    if mode == "requant" and not eight_bit:
+        raise ValueError("preset_mode 'requant' re-merges into int8 weights: it needs the 8-bit base "
+                         "(drop --no-eight-bit, or use --preset-mode fuse)")
+    return mode
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -54,8 +67,6 @@ class TrainConfig:
         for name in ("alpha", "lr"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        from .preset import check_mode
-
         check_mode(self.preset_mode, self.eight_bit)
         if not self.targets:
             raise ValueError("targets is empty: name at least one module suffix, e.g. to_q,conv1")

@@ -25,7 +25,7 @@ from .evaluate import EvalConfig, claims_table, measure_claims
 from .files import atomic_directory, check_writable
 from .images import load_image
 from .pair import train_pair, train_stage
-from .toy.backend import DATA_SAMPLES
+from .backends.toy import DATA_SAMPLES
 from .toy import world
 from .toy.pairs import read_pairs
 

@@ -15,7 +15,7 @@ al. 2024), integer t in [0, T) mapped to a shifted noise level sigma in (0, 1]:
 The clean-image estimate from a model output inverts this (predicted_x0; the health report uses it).
 Sampling: classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023,
 "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16), then a DDIM step.
-(FLUX samples with its own Euler loop on the flow: flux_backend.FluxBackend.generate.)
+Flow-matching bases sample with an Euler loop on the flow instead (euler_flow, on flow_sampling_sigmas).
 """
 
 from __future__ import annotations
@@ -116,6 +116,26 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: floa
 def start_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """One noise image per seed, independent of batch composition: (len(seeds), *shape)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def flow_sampling_sigmas(config, steps: int, image_seq_len: int) -> torch.Tensor:
+    """(steps + 1,) noise levels from 1 to 0 of a flow-matching sampler: the FLUX / Z-Image pipelines'
+    grid linspace(1, 1/steps, steps), shifted by the scheduler config for `image_seq_len` tokens, then 0."""
+    u = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    return torch.cat([shift_sigma(config, u, image_seq_len), torch.zeros(1)])
+
+
+@torch.no_grad()
+def euler_flow(velocity, x: torch.Tensor, sigmas: torch.Tensor, on_step=None) -> torch.Tensor:
+    """Euler on the flow, x <- x + (sigma_next - sigma) v(x, sigma), from x at sigmas[0] (1: pure noise)
+    to sigmas[-1]. `velocity(x, sigma (B,))` returns noise - x0 as the model predicts it; `on_step(i)`
+    is called before each model call (as `denoise` does)."""
+    for i in range(len(sigmas) - 1):
+        if on_step is not None:
+            on_step(i)
+        v = velocity(x, sigmas[i].expand(x.shape[0]))
+        x = x + (sigmas[i + 1] - sigmas[i]).item() * v
+    return x
 
 
 @torch.no_grad()

@@ -37,7 +37,6 @@ import torch
 from . import diffusion, sample
 from .files import atomic_file
 from .lora import LoraFile
-from .toy.backend import FAMILY as TOY_FAMILY
 
 TRANSFERS = "transfers"
 NO_EFFECT = "no effect on other prompts"
@@ -104,7 +103,7 @@ class HealthConfig:
 
 def other_prompts(backend, own: str, n: int) -> list[str]:
     """Up to n prompts other than `own`: the toy's held-out captions, or GENERIC_PROMPTS."""
-    if getattr(backend, "family", "") == TOY_FAMILY:
+    if backend.family.toy_world:
         from .evaluate import other_prompts as held_out  # the toy's held-out captions, as the claims use them
 
         return [scene.caption for scene in held_out(n, exclude=own)]

@@ -12,6 +12,7 @@ Files: safetensors with diffusers' key names ("unet.<module>.lora_A.weight"), pe
 under "lora_adapter_metadata" (so `unet.load_lora_adapter(path, prefix="unet")` and
 `pipe.load_lora_weights(path)` rebuild the same rank and alpha), and the kit's own metadata
 (stage, base, rank, alpha, preset hash, image hashes, version) under "difflora.*" keys.
+kohya's keys (ComfyUI, AUTOMATIC1111) are converted by kohya.py: `save_kohya` writes them, `load` reads them.
 """
 
 from __future__ import annotations
@@ -29,17 +30,28 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, kohya
+from .backends import registry
 from .files import atomic_file
 
 PREFIX = "unet"  # in memory every LoRA is keyed "unet.<module>..."
-TRANSFORMER_PREFIX = "transformer"  # in the file of a transformer denoiser's LoRA (FLUX: what its pipeline loads)
+# In a file, keys carry the family's denoiser name (its registry row's lora_prefix: what its pipeline's
+# load_lora_weights reads), recorded as meta "denoiser" when it is not "unet".
+FILE_PREFIXES = tuple(dict.fromkeys((PREFIX, *(row.lora_prefix for row in registry.FAMILIES))))
 
 
 def file_prefix(lora: "LoraFile") -> str:
     """The key prefix a LoRA is written with: diffusers' name of its denoiser (meta "denoiser")."""
-    return TRANSFORMER_PREFIX if lora.meta.get("denoiser") == TRANSFORMER_PREFIX else PREFIX
+    return lora.meta["denoiser"] if lora.meta.get("denoiser") in FILE_PREFIXES else PREFIX
+
+
+def _other_prefix(tensors: dict) -> str | None:
+    """The file prefix of keys that are not "unet." (e.g. a transformer's LoRA), or None."""
+    return next((p for p in FILE_PREFIXES[1:] if any(k.startswith(f"{p}.") for k in tensors)), None)
+
+
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+PRESET_ADAPTER = "difflora_preset"  # the frozen preset adapter of step 2 (preset_mode="adapter")
 
 
 class LoraMismatchError(ValueError):
@@ -86,9 +98,8 @@ def peft_config(rank: int, alpha: float, targets) -> LoraConfig:
 
 
 def attach(unet: nn.Module, rank: int, alpha: float, targets, name: str = "difflora") -> list[nn.Parameter]:
-    """Add a trainable LoRA (B = 0) to the denoiser with peft; return its parameters."""
-    from .preset import active_presets  # a frozen preset adapter (step 2, preset_mode="adapter") stays on
-
+    """Add a trainable LoRA (B = 0) to the denoiser with peft; return its parameters.
+    A frozen preset adapter (step 2, preset_mode="adapter") stays on beside it."""
     with warnings.catch_warnings():  # "multiple adapters": intended when a frozen preset adapter is there
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         unet.add_adapter(peft_config(rank, alpha, targets), adapter_name=name)
@@ -101,6 +112,23 @@ def attach(unet: nn.Module, rank: int, alpha: float, targets, name: str = "diffl
         p.requires_grad_(True)
         p.data = p.data.float()  # LoRA weights stay fp32 whatever the base's dtype
     return params
+
+
+def load_frozen_adapter(unet: nn.Module, preset: LoraFile, strength: float = 1.0) -> None:
+    """Load the preset as a peft adapter named PRESET_ADAPTER (diffusers' own loader), strength baked
+    into B, frozen. `attach` keeps it active beside the adapter being trained."""
+    tensors = {k: (v * strength if ".lora_B." in k else v) for k, v in preset.tensors.items()}
+    metadata = {f"{PREFIX}.{k}": v for k, v in preset.config.items()}
+    unet.load_lora_adapter(tensors, prefix=PREFIX, adapter_name=PRESET_ADAPTER, metadata=metadata)
+    unet.set_adapters([PRESET_ADAPTER], [1.0])
+    for name, p in unet.named_parameters():
+        if f".{PRESET_ADAPTER}." in name:
+            p.requires_grad_(False)
+
+
+def active_presets(unet: nn.Module) -> list[str]:
+    """[PRESET_ADAPTER] when the denoiser carries a frozen preset adapter, else []."""
+    return [PRESET_ADAPTER] if PRESET_ADAPTER in (getattr(unet, "peft_config", None) or {}) else []
 
 
 def adapter_state(unet: nn.Module, name: str = "difflora") -> tuple[dict[str, torch.Tensor], dict]:
@@ -130,6 +158,14 @@ def save(path: Path, lora: LoraFile) -> None:
         save_file(tensors, str(tmp), metadata=meta)
 
 
+def save_kohya(path: Path, lora: LoraFile) -> None:
+    """Write `lora` in kohya keys (kohya.to_kohya: for ComfyUI and AUTOMATIC1111), atomically."""
+    modules = lora.modules()
+    tensors, header = kohya.to_kohya(modules, {n: lora.scaling(n) for n in modules}, lora.meta)
+    with atomic_file(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
 def load(path: Path, module_names=None) -> LoraFile:
     """Read a LoRA file (safetensors only: never a pickle): the kit's / diffusers' keys, or kohya's
     (`lora_unet_*`, converted; that needs `module_names()`, a callable giving the base denoiser's
@@ -145,19 +181,22 @@ def load(path: Path, module_names=None) -> LoraFile:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    from .kohya import from_kohya, is_kohya
-
-    if is_kohya(tensors):
+    if kohya.is_kohya(tensors):
         if module_names is None:
             raise LoraMismatchError(f"{path} is a kohya-format LoRA: its module names are resolved against the "
                                     "base model; load it with module_names (the CLI does this with --base)")
-        return from_kohya(tensors, module_names(), header)
+        names = module_names()
+        try:
+            return LoraFile(*kohya.from_kohya(tensors, names, header))
+        except ValueError as e:  # kohya modules that are not this base's, or no UNet keys at all
+            raise LoraMismatchError(str(e)) from e
     meta = {k[len("difflora.") :]: v for k, v in header.items() if k.startswith("difflora.")}
-    if any(k.startswith(f"{TRANSFORMER_PREFIX}.") for k in tensors):  # a transformer's LoRA (FLUX): "unet." in memory
-        tensors = {PREFIX + k[len(TRANSFORMER_PREFIX):]: v for k, v in tensors.items() if k.startswith(f"{TRANSFORMER_PREFIX}.")}
-        header = {**header, DIFFUSERS_METADATA_KEY: json.dumps({PREFIX + k[len(TRANSFORMER_PREFIX):]: v for k, v in
+    other = _other_prefix(tensors)
+    if other is not None:  # a transformer's LoRA (FLUX): "unet." in memory
+        tensors = {PREFIX + k[len(other):]: v for k, v in tensors.items() if k.startswith(f"{other}.")}
+        header = {**header, DIFFUSERS_METADATA_KEY: json.dumps({PREFIX + k[len(other):]: v for k, v in
                   json.loads(header.get(DIFFUSERS_METADATA_KEY, "{}")).items()})} if DIFFUSERS_METADATA_KEY in header else header
-        meta["denoiser"] = TRANSFORMER_PREFIX
+        meta["denoiser"] = other
     if DIFFUSERS_METADATA_KEY in header:
         raw = json.loads(header[DIFFUSERS_METADATA_KEY])
         config = {k[len(PREFIX) + 1 :]: v for k, v in raw.items() if k.startswith(f"{PREFIX}.")}
@@ -168,7 +207,7 @@ def load(path: Path, module_names=None) -> LoraFile:
         config = {"r": ranks[0], "lora_alpha": ranks[0]}
     if not any(k.startswith(f"{PREFIX}.") for k in tensors):
         raise LoraMismatchError(f"{path}: keys are not diffusers LoRA keys (expected the '{PREFIX}.' or "
-                                f"'{TRANSFORMER_PREFIX}.' prefix)")
+                                f"{' or '.join(repr(p + '.') for p in FILE_PREFIXES[1:])} prefix)")
     return LoraFile(tensors, config, meta)
 
 

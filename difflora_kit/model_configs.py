@@ -2,12 +2,11 @@
 
 Taken from the `unet/config.json` of the public checkpoints (fields equal to diffusers' defaults
 left out); the parameter counts are the published ones: SD 1.5 859.5M, SDXL base 2567.5M.
-Used by the memory benchmark and the memory plan; the real-model backends load real weights.
+Used by the memory benchmark and the memory plan (through the families' rows in
+backends/registry.py: `registry.public_config(name)`); the real-model backends load real weights.
 """
 
 from __future__ import annotations
-
-import torch
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -25,36 +24,32 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
 )
 
-UNET_CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
-
 # The other components, for the memory plan (parameter counts checked: 123.06M, 694.66M, 83.65M).
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,  # openai/clip-vit-large-patch14
               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,  # OpenCLIP ViT-bigG/14
               num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
-TEXT_ENCODERS = {"sd15": [("CLIPTextModel", CLIP_L)],
-                 "sdxl": [("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G)]}
 SD_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
               block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
-VAES = {"sd15": SD_VAE, "sdxl": dict(SD_VAE, force_upcast=True)}  # SDXL's VAE overflows in fp16
+SDXL_VAE = dict(SD_VAE, force_upcast=True)  # SDXL's VAE overflows in fp16
 TEXT_TOKENS = 77
 LATENT_CHANNELS, VAE_SCALE = 4, 8  # the SD VAE: 8x smaller, 4 channels
 
 
-def build_unet(name: str, device: str | torch.device = "cpu"):
-    """A full-size denoiser of the named public config with random weights (device "meta": shapes only)."""
+def build_unet(config: dict, device="cpu"):
+    """A full-size UNet of a public `config` (e.g. SDXL_UNET) with random weights (device "meta": shapes only)."""
+    import torch
     from diffusers import UNet2DConditionModel
 
-    if name not in UNET_CONFIGS:
-        raise ValueError(f"unknown model config {name!r}: choose one of {', '.join(UNET_CONFIGS)}")
     with torch.device(device):
-        return UNet2DConditionModel(**UNET_CONFIGS[name])
+        return UNet2DConditionModel(**config)
 
 
-def conditioning(name: str, batch: int) -> dict:
-    """Random text conditioning of the right shapes: encoder_hidden_states (B, 77, D) and, for SDXL,
-    added_cond_kwargs (pooled text_embeds (B, 1280), time_ids (B, 6))."""
-    config = UNET_CONFIGS[name]
+def conditioning(config: dict, batch: int) -> dict:
+    """Random text conditioning of the right shapes for a UNet `config`: encoder_hidden_states (B, 77, D)
+    and, for SDXL, added_cond_kwargs (pooled text_embeds (B, 1280), time_ids (B, 6))."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     out = {"encoder_hidden_states": torch.randn(batch, 77, config["cross_attention_dim"], generator=g)}
     if config.get("addition_embed_type") == "text_time":

@@ -20,7 +20,7 @@ from .config import TrainConfig
 from .images import check_pair, image_digest
 from .plan import DTYPE_NAMES, explain_out_of_memory
 from .preset import apply_preset
-from .sd_backend import compute_dtype
+from .devices import compute_dtype
 from .train import TrainResult, train_lora
 
 

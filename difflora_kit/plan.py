@@ -56,25 +56,26 @@ class ModelShapes:
     pixels_per_latent: int
 
 
-def describe(base: str | Path) -> ModelShapes:
-    """`base`: a public config name (sd15, sdxl), 'toy', a model folder or a hub id."""
-    from diffusers import UNet2DConditionModel
-
-    if str(base) in model_configs.UNET_CONFIGS:
-        name = str(base)
-        return ModelShapes(name, dict(model_configs.UNET_CONFIGS[name]), list(model_configs.TEXT_ENCODERS[name]),
-                           dict(model_configs.VAES[name]), model_configs.TEXT_TOKENS, model_configs.VAE_SCALE)
+def describe(base) -> ModelShapes:
+    """`base`: a public config name (a family key whose row has public configs: sd15, sdxl), 'toy', a
+    model folder or a hub id (its configs only are fetched), or a resolved backends.Base."""
     from . import backends
+    from .backends import registry
 
-    kind, folder = backends.check_supported(base), backends.resolve(base, configs_only=True)  # no weights fetched
-    if kind == "flux":
+    public = registry.public_config(str(base)) if not isinstance(base, backends.Base) else None
+    if public is not None:
+        return ModelShapes(str(base), dict(public.unet), list(public.text_encoders), dict(public.vae), public.tokens,
+                           model_configs.VAE_SCALE)
+    base = backends.resolve_base(base, configs_only=True)  # no weights fetched
+    row, folder = base.family, base.folder
+    if not row.plan:
         raise NotImplementedError(f"--base {base}: `difflora plan` measures UNet bases (toy, SD 1.x, SDXL); "
-                                  "the memory plan is not for FLUX yet")
-    unet = dict(UNet2DConditionModel.load_config(folder / "unet"))
+                                  f"the memory plan is not for {row.label} yet")
+    unet = json.loads((folder / row.denoiser_folder / "config.json").read_text())
     read = lambda sub: json.loads((folder / sub / "config.json").read_text())  # noqa: E731
     encoders = [(read(sub).get("architectures", ["CLIPTextModel"])[0], read(sub))
                 for sub in ("text_encoder", "text_encoder_2") if (folder / sub / "config.json").is_file()]
-    if kind == "difflora-toy":
+    if row.pixel_space:
         from .toy import model
 
         return ModelShapes(str(base), unet, encoders, None, model.MAX_TOKENS, 1)

@@ -20,18 +20,8 @@ import torch
 from torch import nn
 
 from . import kernels, lora, quant
-
-PRESET_MODES = ("fuse", "requant", "adapter")
-PRESET_ADAPTER = "difflora_preset"
-
-
-def check_mode(mode: str, eight_bit: bool = True) -> str:
-    if mode not in PRESET_MODES:
-        raise ValueError(f"preset_mode must be one of {', '.join(PRESET_MODES)}, got {mode!r}")
-    if mode == "requant" and not eight_bit:
-        raise ValueError("preset_mode 'requant' re-merges into int8 weights: it needs the 8-bit base "
-                         "(drop --no-eight-bit, or use --preset-mode fuse)")
-    return mode
+from .config import PRESET_MODES, check_mode  # noqa: F401 (preset.PRESET_MODES: as the notebooks read it)
+from .lora import PRESET_ADAPTER, load_frozen_adapter
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -74,23 +64,6 @@ def apply_preset(unet: nn.Module, preset: lora.LoraFile, strength: float = 1.0, 
             _fuse_full_precision(module, A, B, scale)
     quant.quantize_linears(unet)  # the linears the preset does not touch
     return unet
-
-
-def load_frozen_adapter(unet: nn.Module, preset: lora.LoraFile, strength: float = 1.0) -> None:
-    """Load the preset as a peft adapter named PRESET_ADAPTER (diffusers' own loader), strength baked
-    into B, frozen. `lora.attach` keeps it active beside the adapter being trained."""
-    tensors = {k: (v * strength if ".lora_B." in k else v) for k, v in preset.tensors.items()}
-    metadata = {f"{lora.PREFIX}.{k}": v for k, v in preset.config.items()}
-    unet.load_lora_adapter(tensors, prefix=lora.PREFIX, adapter_name=PRESET_ADAPTER, metadata=metadata)
-    unet.set_adapters([PRESET_ADAPTER], [1.0])
-    for name, p in unet.named_parameters():
-        if f".{PRESET_ADAPTER}." in name:
-            p.requires_grad_(False)
-
-
-def active_presets(unet: nn.Module) -> list[str]:
-    """[PRESET_ADAPTER] when the denoiser carries a frozen preset adapter, else []."""
-    return [PRESET_ADAPTER] if PRESET_ADAPTER in (getattr(unet, "peft_config", None) or {}) else []
 
 
 def effective_deltas(unet: nn.Module, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
 
-from .config import SampleConfig, sample_defaults
-from .lora import PREFIX, LoraFile
-from .preset import active_presets
+from .config import SampleConfig
+from .lora import PREFIX, LoraFile, active_presets
 
 SWEEP_ADAPTER = "difflora_sweep"
 
@@ -81,7 +80,7 @@ def sweep(backend, lora: LoraFile | None, prompts: list[str], seeds: list[int], 
 
     Strength s applies base + s * LoRA. The start noise depends only on the seed, so every
     strength of a (prompt, seed) starts from the same noise. Batches of at most `max_batch`.
-    cfg None: the defaults of the base's family (config.sample_defaults).
+    cfg None: the defaults of the base's family (its registry row's sampling).
     """
     if not prompts or not seeds or not strengths:
         raise ValueError("a sweep needs at least one prompt, one seed and one strength")
@@ -95,7 +94,7 @@ def sweep_cases(backend, lora: LoraFile | None, cases: list[tuple[str, int]], st
     does for a product of prompts and seeds, for any list of cases: e.g. other seeds for each prompt)."""
     if not cases or not strengths:
         raise ValueError("a sweep needs at least one (prompt, seed) case and one strength")
-    cfg = cfg or sample_defaults(getattr(backend, "family", ""))  # None: the base family's defaults
+    cfg = cfg or backend.family.sample_config()  # None: the base family's defaults
     combos = [(prompt, seed, s) for prompt, seed in cases for s in strengths]
     images = []
     with contextlib.ExitStack() as stack:

@@ -270,7 +270,6 @@ def run(out: Path, metadata: Path | None = None, from_dir: Path | None = None, a
     from .config import TrainConfig
     from .files import atomic_directory, check_writable
     from .pair import prepare_base
-    from .toy.backend import FAMILY
     from .toy.pairs import read_pairs
 
     started = time.time()
@@ -288,7 +287,7 @@ def run(out: Path, metadata: Path | None = None, from_dir: Path | None = None, a
             raise ValueError(f"no pair on axis {axis!r} in {metadata}")
         rows = rows[:limit] if limit else rows
         axis = axis or rows[0].get("axis")
-    if backends.family(base) != FAMILY:
+    if not backends.resolve_base(base, configs_only=True).family.toy_world:
         raise ValueError(f"--base {base}: the stability curve is read by the toy world's judge, so it runs on the toy "
                          "model only; on other bases the health report (`difflora pair`) says whether a LoRA 2 transfers")
     if max(ns) > len(rows):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_directory
-from .toy.backend import DEFAULT_FOLDER as TOY_FOLDER
+from .backends.toy import DEFAULT_FOLDER as TOY_FOLDER
 
 HIDDEN = 32  # width of each tiny text encoder
 IMAGE_SIZE = 64  # pixels; latents are 8x8

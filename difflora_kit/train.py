@@ -7,8 +7,8 @@ so every step sees the whole range, and regresses the denoiser's output on the t
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps ; loss = || D(x_t, t, c) - target ||^2
 
 A flow-matching base (FLUX) maps t to a shifted sigma instead: x_t = (1 - sigma) x0 + sigma eps,
-target eps - x0 (diffusion.noisy_and_target). Its LoRA targets default to the backend's
-`default_targets` when cfg.targets is left at the UNet defaults.
+target eps - x0 (diffusion.noisy_and_target). A family's LoRA targets replace the UNet defaults
+when cfg.targets is left at them and its backend declares `default_targets` (FLUX).
 
 Only the LoRA (A, B) trains; the base stays frozen (in 8-bit by default).
 """
@@ -62,7 +62,7 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # peft's A init
     targets = cfg.targets
-    if targets == DEFAULT_TARGETS and getattr(backend, "default_targets", None):
+    if targets == DEFAULT_TARGETS and backend.default_targets:
         targets = backend.default_targets  # the UNet defaults, not set by the user: the family's own (FLUX)
     params = lora.attach(backend.unet, cfg.rank, cfg.alpha, targets, ADAPTER)
     named = [(n, p) for n, p in backend.unet.named_parameters() if p.requires_grad]  # the LoRA's, by name
@@ -70,8 +70,7 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     x0 = backend.encode_images(image[None]).expand(cfg.batch, -1, -1, -1)  # (B, C, H, W), cached once
     states = backend.encode_prompts([prompt]).expand(cfg.batch, -1, -1)  # (B, T, D), cached once
-    if hasattr(backend, "offload_encoders"):
-        backend.offload_encoders()  # a GPU keeps only the denoiser while training (back on first use)
+    backend.offload_encoders()  # a GPU keeps only the denoiser while training (back on first use)
     if cfg.gradient_checkpointing:
         backend.unet.enable_gradient_checkpointing()
     scheduler = backend.scheduler
@@ -113,6 +112,6 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     tensors, config = lora.adapter_state(backend.unet, ADAPTER)
     info = {"rank": cfg.rank, "alpha": cfg.alpha, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
             "eight_bit": cfg.eight_bit, **(meta or {})}
-    if getattr(backend, "lora_file_prefix", lora.PREFIX) != lora.PREFIX:
-        info["denoiser"] = backend.lora_file_prefix  # FLUX: written with "transformer." keys (lora.save)
+    if backend.lora_prefix != lora.PREFIX:
+        info["denoiser"] = backend.lora_prefix  # e.g. FLUX: written with "transformer." keys (lora.save)
     return TrainResult(lora.LoraFile(tensors, config, info), losses, time.time() - started, step_seconds)

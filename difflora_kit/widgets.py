@@ -18,10 +18,9 @@ import ipywidgets as W
 import numpy as np
 
 from . import average, evaluate, lora as lora_io, plots, sample
-from .config import SampleConfig, sample_defaults
+from .config import SampleConfig
 from .lora import LoraFile
 from .toy import judge, world
-from .toy.backend import FAMILY as TOY_FAMILY
 
 SCALE = 6  # the toy's 32x32 images are shown 6x larger (nearest neighbour)
 GAP = 4  # white pixels between panels and between rows
@@ -46,7 +45,8 @@ def _sheet(images: np.ndarray, zero: int, k: int, scale: int = SCALE) -> np.ndar
 
 
 def _is_toy(backend) -> bool:
-    return getattr(backend, "family", None) == TOY_FAMILY
+    """True when the toy world's judge reads the backend's images."""
+    return backend.family.toy_world
 
 
 def _describe(r: judge.Reading, base: judge.Reading | None = None) -> str:
@@ -89,7 +89,7 @@ class StrengthSlider(_Displayed):
         if 0.0 not in self.strengths:
             raise ValueError("strengths must include 0: the base image every strength is compared to")
         self.backend, self.lora, self.scale = backend, lora, scale
-        self.sample_cfg = sample_cfg or sample_defaults(getattr(backend, "family", ""))
+        self.sample_cfg = sample_cfg or backend.family.sample_config()
         self.zero = self.strengths.index(0.0)
 
         self.slider = W.SelectionSlider(options=[(f"{s:g}", s) for s in self.strengths],
@@ -176,7 +176,7 @@ class Averager(_Displayed):
         self.backend, self.axis, self.scale = backend, axis, scale
         self.scenes = scenes or evaluate.other_prompts(2)
         self.seeds = [int(s) for s in seeds]
-        self.sample_cfg = sample_cfg or sample_defaults(getattr(backend, "family", ""))
+        self.sample_cfg = sample_cfg or backend.family.sample_config()
         self.result: LoraFile | None = None
         self.scores: dict = {}
         self.effect: dict | None = None

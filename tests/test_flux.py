@@ -11,7 +11,7 @@ import torch
 
 from difflora_kit import backends, cli, diffusion, kohya, lora, plan, sample
 from difflora_kit.config import TrainConfig
-from difflora_kit.flux_backend import image_ids, pack, unpack
+from difflora_kit.backends.flux import image_ids, pack, unpack
 from difflora_kit.pair import prepare_base
 from difflora_kit.tiny_models import IMAGE_SIZE, make_tiny_pipeline
 
@@ -207,7 +207,7 @@ def test_plan_and_kohya_are_a_clear_error_on_flux(tiny_flux, pair_loras, tmp_pat
     with pytest.raises(NotImplementedError, match="not for FLUX yet"):
         plan.plan_memory(tiny_flux)
     with pytest.raises(NotImplementedError, match="not for FLUX yet"):
-        kohya.to_kohya(lora.load(pair_loras[1]))
+        lora.save_kohya(tmp_path / "k.safetensors", lora.load(pair_loras[1]))
     with pytest.raises(NotImplementedError, match="not for FLUX yet"):
         kohya.from_kohya({}, backends.module_names(tiny_flux))
     assert cli.main(["plan", "--base", str(tiny_flux)]) == 2

@@ -30,11 +30,29 @@ def random_lora(tiny_sd15):
     return lora.LoraFile(tensors, config, {"stage": "2", "base": str(tiny_sd15)})
 
 
+def test_kohya_keys_are_a_conversion_of_plain_dicts():
+    """No model, no file: {module: (A, B)} -> kohya tensors -> diffusers-keyed tensors, the same weight changes."""
+    torch.manual_seed(0)
+    modules = {"mid_block.attentions.0.proj_in": (torch.randn(4, 6), torch.randn(5, 4)),  # linear, rank 4
+               "down_blocks.0.resnets.0.conv1": (torch.randn(2, 3, 3, 3), torch.randn(7, 2, 1, 1))}  # conv, rank 2
+    scalings = {"mid_block.attentions.0.proj_in": 0.5, "down_blocks.0.resnets.0.conv1": 1.5}
+    tensors, header = kohya.to_kohya(modules, scalings, {"stage": "2"})
+    assert header["ss_network_dim"] == "4" and header["difflora.stage"] == "2"
+    back, config, meta = kohya.from_kohya(tensors, [*modules, "conv_in"], header)
+    assert (config["r"], config["lora_alpha"], meta["stage"]) == (4, 4.0, "2")  # rank padded to 4, alpha / r = 1
+    for name, (A, B) in modules.items():
+        got = lora.delta_weight(back[f"unet.{name}.lora_A.weight"], back[f"unet.{name}.lora_B.weight"], 1.0)
+        torch.testing.assert_close(got, lora.delta_weight(A, B, scalings[name]))
+    with pytest.raises(ValueError, match="another model") as e:
+        kohya.from_kohya(tensors, ["conv_in"])
+    assert not isinstance(e.value, lora.LoraMismatchError)  # the kit's error is lora.load's
+
+
 def test_kohya_export_loads_in_diffusers_and_gives_the_same_output(tiny_sd15, random_lora, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     path = tmp_path / "kohya.safetensors"
-    kohya.save_kohya(path, random_lora)
+    lora.save_kohya(path, random_lora)
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
         assert f.metadata()["ss_network_module"] == "networks.lora"
@@ -58,7 +76,7 @@ def test_kohya_export_loads_in_diffusers_and_gives_the_same_output(tiny_sd15, ra
 
 def test_kohya_import_round_trips_and_serves_as_a_preset(tiny_sd15, random_lora, tmp_path, capsys):
     path = tmp_path / "kohya.safetensors"
-    kohya.save_kohya(path, random_lora)
+    lora.save_kohya(path, random_lora)
     back = lora.load(path, module_names=lambda: backends.module_names(tiny_sd15))
     want, got = lora.module_deltas(random_lora), lora.module_deltas(back)
     assert set(want) == set(got)

@@ -99,7 +99,7 @@ def test_plan_refuses_a_resolution_the_unet_cannot_take(capsys):
 
 def test_out_of_memory_is_answered_with_what_to_lower(tmp_path, monkeypatch, capsys):
     from difflora_kit.toy import pairs
-    from difflora_kit.toy.backend import ToyBackend
+    from difflora_kit.backends.toy import ToyBackend
 
     def out_of_memory(self, *args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

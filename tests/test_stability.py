@@ -15,7 +15,7 @@ from difflora_kit import stability
 from difflora_kit.cli import main
 from difflora_kit.images import load_image
 from difflora_kit.toy import judge, world
-from difflora_kit.toy.backend import DATA_SAMPLES
+from difflora_kit.backends.toy import DATA_SAMPLES
 from difflora_kit.toy.pairs import IncidentalSpread, make_pairs, read_pairs
 
 REALISTIC = DATA_SAMPLES / "pairs_realistic" / "metadata.jsonl"

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import diffusion
 from ..files import atomic_directory
 from . import judge, model, world
-from .backend import ToyBackend
+from ..backends.toy import ToyBackend
 
 CAPTION_DROPOUT = 0.1
 

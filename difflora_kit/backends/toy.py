@@ -1,8 +1,6 @@
 """The toy backend: pixel-space 32x32 RGB, word-level CLIP text encoder, v-prediction.
 
-A backend is what the shared machinery (LoRA, quantization, training, sampling) needs to know
-about a model family: how to encode prompts and images, which denoiser to adapt, which noise
-schedule it was trained on. The toy backend's "latents" are the pixels themselves:
+The toy backend's "latents" are the pixels themselves (the interface: backends/base.py):
     image [H, W, 3] in [0, 1]  <->  latent (3, H, W) in [-1, 1]
 """
 
@@ -18,15 +16,16 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .. import diffusion
 from ..files import atomic_directory
-from . import model
+from ..toy import model
+from .base import Backend
+from .registry import TOY
 
-FAMILY = "difflora-toy"
 DATA_SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
 DEFAULT_FOLDER = DATA_SAMPLES / "toy_base"
 
 
-class ToyBackend:
-    family = FAMILY
+class ToyBackend(Backend):
+    family = TOY
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  scheduler: DDPMScheduler, name: str = "toy", info: dict | None = None):
@@ -49,7 +48,8 @@ class ToyBackend:
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
-    def load(cls, folder: Path = DEFAULT_FOLDER) -> "ToyBackend":
+    def load(cls, folder: Path = DEFAULT_FOLDER, device: str | torch.device = "cpu", dtype=None) -> "ToyBackend":
+        """The toy model in `folder`, on `device`; always fp32 (`dtype` is not used: the toy is small)."""
         folder = Path(folder)
         index = folder / "model_index.json"
         if not index.is_file():
@@ -62,7 +62,13 @@ class ToyBackend:
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-        return cls(unet.eval(), text_encoder, tokenizer, scheduler, name=str(info.get("name", folder.name)), info=info)
+        backend = cls(unet.eval(), text_encoder, tokenizer, scheduler, name=str(info.get("name", folder.name)), info=info)
+        return backend.to(device)
+
+    @staticmethod
+    def folder_sample_size(folder: Path) -> int:
+        """Pixels the toy draws (pixel space: the UNet's sample_size)."""
+        return json.loads((Path(folder) / "unet" / "config.json").read_text())["sample_size"]
 
     def save(self, folder: Path, extra: dict | None = None) -> None:
         with atomic_directory(folder) as tmp:
@@ -70,7 +76,7 @@ class ToyBackend:
             self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.scheduler.save_pretrained(tmp / "scheduler")
-            index = {"_class_name": "DiffLoraToyPipeline", "family": FAMILY, "name": "toy", **(extra or {})}
+            index = {"_class_name": "DiffLoraToyPipeline", "family": TOY.key, "name": "toy", **(extra or {})}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     # ---- encoding -----------------------------------------------------------------------------

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import diffusion
-from .sd_backend import StableDiffusionBackend, compute_dtype
+from .. import diffusion
+from ..devices import compute_dtype
+from . import registry
+from .latent import LatentBackend
+from .registry import Family
 
-FAMILY = "flux"
-PIPELINE = "FluxPipeline"
 MAX_T5_TOKENS = 512  # FluxPipeline's max_sequence_length default
 TRAIN_GUIDANCE = 3.5  # distilled guidance while training: diffusers' train_dreambooth_lora_flux.py default
 # LoRA targets: diffusers' FLUX LoRA trainer's (attention and MLPs of the double blocks, both streams),
@@ -62,17 +63,16 @@ def image_ids(h: int, w: int) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
-class FluxBackend(StableDiffusionBackend):
+class FluxBackend(LatentBackend):
     """What the shared machinery needs from FLUX.1; `unet` is the FluxTransformer2DModel (the shared
     LoRA/quantization/preset code calls any denoiser `unet`)."""
 
-    def __init__(self, transformer, vae, text_encoders: list, tokenizers: list, scheduler, name: str = "",
-                 device: str | torch.device = "cpu"):
-        super().__init__(FAMILY, transformer, vae, text_encoders, tokenizers, scheduler, name=name, device=device)
+    def __init__(self, family: Family, transformer, vae, text_encoders: list, tokenizers: list, scheduler,
+                 name: str = "", device: str | torch.device = "cpu"):
+        super().__init__(family, transformer, vae, text_encoders, tokenizers, scheduler, name, device)
         self.pooled_dim = transformer.config.pooled_projection_dim  # CLIP's pooled output (768 for CLIP-L)
         self.train_guidance = TRAIN_GUIDANCE  # the distilled guidance value the denoiser gets (dev only)
         self.default_targets = flux_targets(transformer.config.num_single_layers)
-        self.lora_file_prefix = "transformer"  # LoRA files keyed as FluxPipeline.load_lora_weights reads them
 
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -88,7 +88,14 @@ class FluxBackend(StableDiffusionBackend):
                     T5EncoderModel.from_pretrained(folder / "text_encoder_2", **common)]
         tokenizers = [AutoTokenizer.from_pretrained(folder / "tokenizer"), AutoTokenizer.from_pretrained(folder / "tokenizer_2")]
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-        return cls(transformer.eval(), vae, encoders, tokenizers, scheduler, name=folder.name).to(device)
+        return cls(registry.FLUX, transformer.eval(), vae, encoders, tokenizers, scheduler, name=folder.name).to(device)
+
+    @staticmethod
+    def folder_sample_size(folder: Path) -> int:
+        """Pixels the base draws: its VAE config's sample_size (FLUX.1: 1024)."""
+        import json
+
+        return int(json.loads((folder / "vae" / "config.json").read_text()).get("sample_size") or 1024)
 
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -103,36 +110,6 @@ class FluxBackend(StableDiffusionBackend):
         ids = t5_tok([prompt], padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
         states = self._here(t5)(ids.to(self.device), output_hidden_states=False)[0][0]  # (T, d_t5)
         return torch.cat([states, pooled[None].to(states.dtype).expand(states.shape[0], -1)], dim=-1)
-
-    @torch.no_grad()
-    def encode_images(self, images: np.ndarray) -> torch.Tensor:
-        """[N, H, W, 3] in [0, 1] -> latents (N, 16, H/8, W/8): (posterior mean - shift) * scale."""
-        x = torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2).to(self.device, self.dtype) * 2 - 1
-        latents = self._here(self.vae).encode(x).latent_dist.mean.float()
-        config = self.vae.config
-        return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """latents (N, 16, h, w) -> [N, 8h, 8w, 3] float32 in [0, 1]."""
-        config = self.vae.config
-        z = latents / config.scaling_factor + (config.shift_factor or 0.0)
-        images = self._here(self.vae).decode(z.to(self.dtype)).sample
-        return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-
-    @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def sample_size(self) -> int:
-        """Pixels: the VAE config's sample_size (FLUX.1: 1024)."""
-        return int(self.vae.config.get("sample_size", 1024) or 1024)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        side = self.sample_size // self.vae_scale
-        return (self.vae.config.latent_channels, side, side)
 
     # ---- the denoiser -------------------------------------------------------------------------
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, states: torch.Tensor, guidance: float | None = None):
@@ -160,26 +137,17 @@ class FluxBackend(StableDiffusionBackend):
 
     # ---- sampling -----------------------------------------------------------------------------
     def sampling_sigmas(self, steps: int, h: int, w: int) -> torch.Tensor:
-        """(steps + 1,) noise levels from 1 to 0: FluxPipeline's grid linspace(1, 1/steps, steps), shifted
-        by the scheduler config for h/2 * w/2 image tokens, then 0."""
-        u = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-        sigmas = diffusion.shift_sigma(self.scheduler.config, u, (h // 2) * (w // 2))
-        return torch.cat([sigmas, torch.zeros(1)])
+        """(steps + 1,) noise levels from 1 to 0 for an h x w latent (diffusion.flow_sampling_sigmas)."""
+        return diffusion.flow_sampling_sigmas(self.scheduler.config, steps, (h // 2) * (w // 2))
 
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], seeds: list[int], steps: int = 28, guidance: float = 3.5,
                        on_step=None) -> torch.Tensor:
-        """Euler on the flow, x <- x + (sigma_next - sigma) v, from the seeds' start noise (drawn on the CPU).
-        `on_step(i)` is called before each model call (as diffusion.denoise does)."""
-        x = diffusion.start_noise(seeds, self.latent_shape).to(self.device)  # sigma = 1: pure noise
+        """Euler on the flow from the seeds' start noise (drawn on the CPU; sigma = 1: pure noise)."""
+        x = diffusion.start_noise(seeds, self.latent_shape).to(self.device)
         states = self.encode_prompts(prompts)
-        sigmas = self.sampling_sigmas(steps, *x.shape[-2:])
-        for i in range(steps):
-            if on_step is not None:
-                on_step(i)
-            v = self.velocity(x, sigmas[i].expand(x.shape[0]), states, guidance)
-            x = x + (sigmas[i + 1] - sigmas[i]).item() * v
-        return x
+        velocity = lambda x, sigma: self.velocity(x, sigma, states, guidance)  # noqa: E731
+        return diffusion.euler_flow(velocity, x, self.sampling_sigmas(steps, *x.shape[-2:]), on_step)
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 28, guidance: float = 3.5,
                  rescale: float = 0.0, on_step=None) -> np.ndarray:

@@ -1,0 +1,135 @@
+"""Every model family the kit knows, one row each: the one place where a family is named.
+
+A new family is one backend module (difflora_kit/backends/<module>.py, a `Backend`) and one row
+here. The rest of the kit reads a family's facts from its row and never compares family names:
+
+    row = registry.by_pipeline("StableDiffusionXLPipeline")   # model_index.json's _class_name
+    row.key, row.denoiser_folder, row.lora_prefix, row.sampling, row.plan, row.kohya
+
+A row is plain data (strings, dicts): reading it imports no model library; the backend class is
+imported the first time a base of that family is loaded (`row.backend_class()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from .. import model_configs
+from ..config import SampleConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PublicConfig:
+    """The public configs of a family's best-known checkpoint, for `difflora plan --base KEY` and the
+    memory benchmark: nothing downloaded, shapes only."""
+
+    unet: dict
+    text_encoders: tuple[tuple[str, dict], ...]  # (transformers class name, its config)
+    vae: dict
+    tokens: int = model_configs.TEXT_TOKENS
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    key: str
+    """What `backends.family` returns and LoRA metadata records, e.g. "sdxl"."""
+    label: str
+    """For messages: "SDXL"."""
+    pipelines: tuple[str, ...]
+    """model_index.json `_class_name` values of this family's folders."""
+    backend: str
+    """"module:Class" of its Backend, under difflora_kit.backends (imported on first use)."""
+    denoiser_folder: str
+    """The denoiser's subfolder of a model folder: "unet" or "transformer"."""
+    denoiser_class: str
+    """The diffusers class of the denoiser (built from its config alone by the memory plan)."""
+    lora_prefix: str
+    """Key prefix of the family's LoRA files: the denoiser's name in its pipeline, so that
+    `pipe.load_lora_weights(file)` reads them ("unet" or "transformer")."""
+    sampling: dict
+    """SampleConfig defaults (`sample_config()`)."""
+    text_states: str = "last"
+    """Which hidden state of a CLIP text encoder conditions the denoiser: "last" (last_hidden_state,
+    SD 1.x) or "penultimate" (hidden_states[-2], SDXL)."""
+    full_precision: bool = False
+    """True: computes in fp32 on any device (the toy is small); False: devices.compute_dtype."""
+    default_device: str = "auto"
+    """Where load_backend puts it unless told: "auto" (CUDA when available, else the CPU) or "cpu"."""
+    pixel_space: bool = False
+    """True: the denoiser works on pixels (no VAE): the toy."""
+    toy_world: bool = False
+    """True: the toy world's judge reads its images (claims, stability curve, held-out captions)."""
+    plan: bool = True
+    """`difflora plan` covers it."""
+    kohya: bool = False
+    """kohya-format export and import (ComfyUI, A1111) covers it."""
+    public: PublicConfig | None = None
+    """Public configs: `difflora plan --base KEY` without a download."""
+
+    def sample_config(self) -> SampleConfig:
+        """The SampleConfig this family samples with unless told otherwise."""
+        return SampleConfig(**self.sampling)
+
+    def backend_class(self):
+        module, cls = self.backend.split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+
+
+TOY = Family(
+    key="difflora-toy", label="the toy model", pipelines=("DiffLoraToyPipeline",), backend="toy:ToyBackend",
+    denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
+    sampling=dict(steps=20, guidance=2.0, rescale=0.7),  # tuned on the toy (v-prediction, guidance rescale)
+    full_precision=True, default_device="cpu", pixel_space=True, toy_world=True, kohya=True)
+
+SD15 = Family(
+    key="sd15", label="Stable Diffusion 1.x", pipelines=("StableDiffusionPipeline",), backend="sd:StableDiffusionBackend",
+    denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
+    sampling=dict(steps=30, guidance=7.5, rescale=0.0),  # diffusers' pipeline default guidance, no rescale
+    kohya=True,
+    public=PublicConfig(model_configs.SD15_UNET, (("CLIPTextModel", model_configs.CLIP_L),), model_configs.SD_VAE))
+
+SDXL = Family(
+    key="sdxl", label="SDXL", pipelines=("StableDiffusionXLPipeline",), backend="sd:StableDiffusionBackend",
+    denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
+    sampling=dict(steps=30, guidance=5.0, rescale=0.0), text_states="penultimate", kohya=True,
+    public=PublicConfig(model_configs.SDXL_UNET, (("CLIPTextModel", model_configs.CLIP_L),
+                                                  ("CLIPTextModelWithProjection", model_configs.CLIP_G)),
+                        model_configs.SDXL_VAE))
+
+FLUX = Family(
+    key="flux", label="FLUX", pipelines=("FluxPipeline",), backend="flux:FluxBackend",
+    denoiser_folder="transformer", denoiser_class="FluxTransformer2DModel", lora_prefix="transformer",
+    sampling=dict(steps=28, guidance=3.5, rescale=0.0),  # FluxPipeline's: distilled guidance, no CFG
+    plan=False)
+
+FAMILIES: tuple[Family, ...] = (TOY, SD15, SDXL, FLUX)
+
+
+def get(key: str) -> Family:
+    """The row of a family key ("sdxl"); a clear error naming the known ones."""
+    for row in FAMILIES:
+        if row.key == key:
+            return row
+    raise NotImplementedError(f"model family {key!r} has no backend in this version of difflora-kit "
+                              f"(available: {available()})")
+
+
+def by_pipeline(class_name: str) -> Family | None:
+    """The row whose folders have this model_index.json `_class_name`, or None."""
+    return next((row for row in FAMILIES if class_name in row.pipelines), None)
+
+
+def sample_defaults(key: str) -> SampleConfig:
+    """The SampleConfig of the family `key` (the toy's: SampleConfig())."""
+    return get(key).sample_config()
+
+
+def public_config(name: str) -> PublicConfig | None:
+    """The public configs of the family `name` ("sd15", "sdxl"), or None when it has none."""
+    return next((row.public for row in FAMILIES if row.key == name and row.public is not None), None)
+
+
+def available() -> str:
+    """'the toy model, Stable Diffusion 1.x (sd15), ...': for error messages."""
+    return ", ".join(row.label if row.toy_world else f"{row.label} ({row.key})" for row in FAMILIES)
