@@ -27,6 +27,12 @@ def check_mode(mode: str, eight_bit: bool = True) -> str:
     return mode
 
 
+def lora_targets(targets: tuple[str, ...], family_targets: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The module suffixes a LoRA goes on: the family's own (e.g. a transformer's) when the user kept
+    the UNet defaults and the family has its own, else `targets` as given."""
+    return tuple(family_targets) if tuple(targets) == DEFAULT_TARGETS and family_targets else tuple(targets)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of one LoRA training run (step 1 or step 2: the same loop)."""

@@ -162,6 +162,9 @@ def save_kohya(path: Path, lora: LoraFile) -> None:
     """Write `lora` in kohya keys (kohya.to_kohya: for ComfyUI and AUTOMATIC1111), atomically."""
     modules = lora.modules()
     tensors, header = kohya.to_kohya(modules, {n: lora.scaling(n) for n in modules}, lora.meta)
+    if file_prefix(lora) != PREFIX:  # a transformer's LoRA that kohya's UNet names would mis-key
+        raise NotImplementedError(f"kohya keys are for UNet LoRAs (toy, SD 1.x, SDXL): this LoRA's denoiser is a "
+                                  f"{file_prefix(lora)!r}; kohya export is not for its family yet")
     with atomic_file(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=header)
 

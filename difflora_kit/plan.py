@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from . import lora, model_configs
-from .config import TrainConfig
+from .backends import registry
+from .backends.registry import Family
+from .config import TrainConfig, lora_targets
 
 GiB = 2**30
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,39 +51,42 @@ class ModelShapes:
     """The configs a plan needs: denoiser, text encoders, VAE, and how an image becomes a latent."""
 
     name: str
-    unet: dict
+    family: Family
+    unet: dict  # the denoiser's config (a UNet's or a transformer's)
     text_encoders: list[tuple[str, dict]]  # (transformers class name, config)
     vae: dict | None  # None: pixel space (the toy)
     tokens: int
     pixels_per_latent: int
+    sample_size: int  # pixels the base draws
+
+    @property
+    def backend(self):
+        """The family's Backend class: how its denoiser is called (plan_inputs) and sized."""
+        return self.family.backend_class()
 
 
 def describe(base) -> ModelShapes:
     """`base`: a public config name (a family key whose row has public configs: sd15, sdxl), 'toy', a
     model folder or a hub id (its configs only are fetched), or a resolved backends.Base."""
     from . import backends
-    from .backends import registry
 
     public = registry.public_config(str(base)) if not isinstance(base, backends.Base) else None
     if public is not None:
-        return ModelShapes(str(base), dict(public.unet), list(public.text_encoders), dict(public.vae), public.tokens,
-                           model_configs.VAE_SCALE)
+        return ModelShapes(str(base), registry.get(str(base)), dict(public.unet), list(public.text_encoders),
+                           dict(public.vae), public.tokens, model_configs.VAE_SCALE,
+                           public.sample_size or public.unet["sample_size"] * model_configs.VAE_SCALE)
     base = backends.resolve_base(base, configs_only=True)  # no weights fetched
     row, folder = base.family, base.folder
     if not row.plan:
-        raise NotImplementedError(f"--base {base}: `difflora plan` measures UNet bases (toy, SD 1.x, SDXL); "
-                                  f"the memory plan is not for {row.label} yet")
-    unet = json.loads((folder / row.denoiser_folder / "config.json").read_text())
+        raise NotImplementedError(f"--base {base}: the memory plan (`difflora plan`) is not for {row.label} yet")
     read = lambda sub: json.loads((folder / sub / "config.json").read_text())  # noqa: E731
     encoders = [(read(sub).get("architectures", ["CLIPTextModel"])[0], read(sub))
                 for sub in ("text_encoder", "text_encoder_2") if (folder / sub / "config.json").is_file()]
-    if row.pixel_space:
-        from .toy import model
-
-        return ModelShapes(str(base), unet, encoders, None, model.MAX_TOKENS, 1)
-    vae = read("vae")
-    return ModelShapes(str(base), unet, encoders, vae, model_configs.TEXT_TOKENS,
-                       2 ** (len(vae["block_out_channels"]) - 1))
+    tokens = row.text_tokens or encoders[0][1]["max_position_embeddings"]  # CLIP: its context (77; the toy's 12)
+    vae = None if row.pixel_space else read("vae")
+    scale = 1 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
+    return ModelShapes(str(base), row, read(row.denoiser_folder), encoders, vae, tokens, scale,
+                       row.backend_class().folder_sample_size(folder))
 
 
 def _on_meta(cls, config: dict, dtype: torch.dtype = torch.float32):
@@ -96,10 +101,10 @@ def _on_meta(cls, config: dict, dtype: torch.dtype = torch.float32):
         torch.set_default_dtype(default)
 
 
-def _meta_unet(shapes: ModelShapes, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel
+def _meta_denoiser(shapes: ModelShapes, dtype: torch.dtype):
+    import diffusers
 
-    return _on_meta(UNet2DConditionModel, shapes.unet, dtype)
+    return _on_meta(getattr(diffusers, shapes.family.denoiser_class), shapes.unet, dtype)
 
 
 def _encoder_params(shapes: ModelShapes) -> tuple[int, int]:
@@ -110,9 +115,9 @@ def _encoder_params(shapes: ModelShapes) -> tuple[int, int]:
     text = vae = 0
     with torch.device("meta"):
         for class_name, config in shapes.text_encoders:
-            cls = getattr(transformers, class_name)
+            cls = getattr(transformers, class_name)  # CLIPTextModel, T5EncoderModel, Qwen3Model...
             fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype", "dtype")}
-            text += sum(p.numel() for p in cls(transformers.CLIPTextConfig(**fields)).parameters())
+            text += sum(p.numel() for p in cls(cls.config_class(**fields)).parameters())
     if shapes.vae is not None:
         vae = sum(p.numel() for p in _on_meta(AutoencoderKL, shapes.vae).parameters())
     return text, vae
@@ -146,20 +151,10 @@ def vae_encode_workspace(shapes: ModelShapes, resolution: int, dtype: torch.dtyp
     return 3 * largest[0]
 
 
-def training_inputs(shapes: ModelShapes, resolution: int, batch: int, dtype: torch.dtype) -> tuple:
-    """Meta tensors of one training step: x (B, C, h, w), t (B,), states (B, T, D), added_cond_kwargs."""
-    side, u = resolution // shapes.pixels_per_latent, shapes.unet
-    meta = dict(device="meta", dtype=dtype)
-    x = torch.empty(batch, u.get("in_channels", 4), side, side, **meta)
-    t = torch.zeros(batch, dtype=torch.long, device="meta")
-    states = torch.empty(batch, shapes.tokens, u["cross_attention_dim"], **meta)
-    extra = {}
-    if u.get("addition_embed_type") == "text_time":
-        time_ids = 6
-        pooled = u["projection_class_embeddings_input_dim"] - time_ids * u["addition_time_embed_dim"]
-        extra["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, **meta),
-                                      "time_ids": torch.empty(batch, time_ids, **meta)}
-    return x, t, states, extra
+def training_inputs(shapes: ModelShapes, resolution: int, batch: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """Meta tensors of one training step, as the family's denoiser takes them: (args, kwargs)."""
+    side = resolution // shapes.pixels_per_latent
+    return shapes.backend.plan_inputs(shapes.unet, batch, side, shapes.tokens, dtype)
 
 
 # ----------------------------------------------------------------------------- counting saved tensors
@@ -198,8 +193,9 @@ class _FusedAttention(torch.autograd.Function):
         return out
 
 
-def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    return _FusedAttention.apply(q, k, v)
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """scaled_dot_product_attention's signature: diffusers' attention dispatcher passes q, k, v by keyword."""
+    return _FusedAttention.apply(query, key, value)
 
 
 @dataclasses.dataclass
@@ -241,12 +237,12 @@ def measure_activations(unet: nn.Module, inputs: tuple, checkpointing: bool) -> 
     if checkpointing:
         unet.enable_gradient_checkpointing(counting_checkpoint)
     unet.train()
-    x, t, states, extra = inputs
+    args, kwargs = inputs
     sdpa = torch.nn.functional.scaled_dot_product_attention
     try:
         torch.nn.functional.scaled_dot_product_attention = _fused_attention
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(x, t, states, **extra)
+            unet(*args, **kwargs)
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
         if checkpointing:
@@ -303,19 +299,18 @@ def weight_bytes(unet: nn.Module, dtype: torch.dtype, eight_bit: bool) -> int:
     return total
 
 
-def _attach(unet: nn.Module, cfg: TrainConfig, with_preset: bool) -> int:
+def _attach(unet: nn.Module, cfg: TrainConfig, with_preset: bool, targets: tuple[str, ...]) -> int:
     """The LoRA(s) of a step on the meta denoiser; returns the trainable parameter count."""
     if with_preset:
-        from .preset import PRESET_ADAPTER
-
-        unet.add_adapter(lora.peft_config(cfg.rank, cfg.alpha, cfg.targets), adapter_name=PRESET_ADAPTER)
-    params = lora.attach(unet, cfg.rank, cfg.alpha, cfg.targets)
+        unet.add_adapter(lora.peft_config(cfg.rank, cfg.alpha, targets), adapter_name=lora.PRESET_ADAPTER)
+    params = lora.attach(unet, cfg.rank, cfg.alpha, targets)
     return sum(p.numel() for p in params)
 
 
 def _resolution_step(shapes: ModelShapes) -> int:
-    """Training sizes must be multiples of this: the latent is halved once per level of the UNet."""
-    return shapes.pixels_per_latent * 2 ** (len(shapes.unet["block_out_channels"]) - 1)
+    """Training sizes must be multiples of this (a UNet halves the latent once per level; a transformer
+    packs latent patches): pixels per latent x the denoiser's own multiple."""
+    return shapes.pixels_per_latent * shapes.backend.latent_multiple(shapes.unet)
 
 
 def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfig | None = None, dtype: str = "bf16",
@@ -327,7 +322,7 @@ def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfi
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     shapes = describe(base)
     step = _resolution_step(shapes)
-    resolution = resolution or shapes.unet["sample_size"] * shapes.pixels_per_latent
+    resolution = resolution or shapes.sample_size
     if resolution <= 0 or resolution % step:
         raise ValueError(f"resolution must be a positive multiple of {step} for this base, got {resolution} "
                          f"(e.g. {max(step, round(resolution / step) * step)})")
@@ -339,10 +334,10 @@ def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfi
         if step == 2 and not with_preset:  # fuse / requant: the preset is inside the int8 weights
             steps[2] = StepPlan(dict(steps[1].components))
             break
-        unet = _meta_unet(shapes, torch_dtype)
+        unet = _meta_denoiser(shapes, torch_dtype)
         full = sum(p.numel() for p in unet.parameters()) * size
         weights = weight_bytes(unet, torch_dtype, cfg.eight_bit)
-        n_lora = _attach(unet, cfg, with_preset)
+        n_lora = _attach(unet, cfg, with_preset, lora_targets(cfg.targets, shapes.backend.targets_for(shapes.unet)))
         n_preset = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n) - n_lora
         acts = measure_activations(unet, training_inputs(shapes, resolution, cfg.batch, torch_dtype),
                                    cfg.gradient_checkpointing)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as checkpoints
 from . import diffusion, lora
-from .config import DEFAULT_TARGETS, TrainConfig
+from .config import TrainConfig, lora_targets
 from .images import image_digest
 
 ADAPTER = "difflora"
@@ -61,9 +61,7 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     `on_step(step, loss)` is called after each optimizer step (step counts from 1)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # peft's A init
-    targets = cfg.targets
-    if targets == DEFAULT_TARGETS and backend.default_targets:
-        targets = backend.default_targets  # the UNet defaults, not set by the user: the family's own (FLUX)
+    targets = lora_targets(cfg.targets, backend.default_targets)  # the UNet defaults kept: the family's own (FLUX)
     params = lora.attach(backend.unet, cfg.rank, cfg.alpha, targets, ADAPTER)
     named = [(n, p) for n, p in backend.unet.named_parameters() if p.requires_grad]  # the LoRA's, by name
     backend.unet.train()

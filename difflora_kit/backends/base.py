@@ -54,6 +54,23 @@ class Backend(abc.ABC):
     def folder_sample_size(folder) -> int:
         """Pixels of the images a model folder's base draws, from its configs alone (no weights)."""
 
+    # ---- the denoiser's class, for the memory plan (difflora_kit.plan: rows with plan=True) ------
+    @classmethod
+    def targets_for(cls, config: dict) -> tuple[str, ...] | None:
+        """`default_targets` of this family's denoiser of `config` (None: the UNet defaults fit)."""
+        return None
+
+    @classmethod
+    def latent_multiple(cls, config: dict) -> int:
+        """Latent sides must be multiples of this for the denoiser of `config`."""
+        raise NotImplementedError(f"{cls.__name__} has no memory plan")
+
+    @classmethod
+    def plan_inputs(cls, config: dict, batch: int, side: int, tokens: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+        """(args, kwargs) of one training call of the denoiser of `config`, as meta tensors: a batch of
+        side x side latents and `tokens` text tokens."""
+        raise NotImplementedError(f"{cls.__name__} has no memory plan")
+
     @abc.abstractmethod
     def to(self, device: str | torch.device) -> "Backend":
         """Move the backend's models to `device`; returns self."""

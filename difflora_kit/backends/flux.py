@@ -72,7 +72,7 @@ class FluxBackend(LatentBackend):
         super().__init__(family, transformer, vae, text_encoders, tokenizers, scheduler, name, device)
         self.pooled_dim = transformer.config.pooled_projection_dim  # CLIP's pooled output (768 for CLIP-L)
         self.train_guidance = TRAIN_GUIDANCE  # the distilled guidance value the denoiser gets (dev only)
-        self.default_targets = flux_targets(transformer.config.num_single_layers)
+        self.default_targets = self.targets_for(transformer.config)
 
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -90,12 +90,9 @@ class FluxBackend(LatentBackend):
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
         return cls(registry.FLUX, transformer.eval(), vae, encoders, tokenizers, scheduler, name=folder.name).to(device)
 
-    @staticmethod
-    def folder_sample_size(folder: Path) -> int:
-        """Pixels the base draws: its VAE config's sample_size (FLUX.1: 1024)."""
-        import json
-
-        return int(json.loads((folder / "vae" / "config.json").read_text()).get("sample_size") or 1024)
+    @classmethod
+    def targets_for(cls, config: dict) -> tuple[str, ...]:
+        return flux_targets(config["num_single_layers"])
 
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -11,6 +11,8 @@ A family says how one prompt becomes text states (`_encode_one`), how the denois
 from __future__ import annotations
 
 import abc
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,6 +85,11 @@ class LatentBackend(Backend):
         z = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
         images = self._here(self.vae).decode(z.to(self.dtype)).sample
         return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+
+    @staticmethod
+    def folder_sample_size(folder) -> int:
+        """Pixels the base draws, from its configs: the VAE config's sample_size (FLUX.1: 1024)."""
+        return int(json.loads((Path(folder) / "vae" / "config.json").read_text()).get("sample_size") or 1024)
 
     # ---- sizes --------------------------------------------------------------------------------
     @property

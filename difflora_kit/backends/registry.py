@@ -28,6 +28,8 @@ class PublicConfig:
     text_encoders: tuple[tuple[str, dict], ...]  # (transformers class name, its config)
     vae: dict
     tokens: int = model_configs.TEXT_TOKENS
+    sample_size: int | None = None
+    """Pixels the base draws (None: the UNet's sample_size x the VAE's 8)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,9 @@ class Family:
     """`difflora plan` covers it."""
     kohya: bool = False
     """kohya-format export and import (ComfyUI, A1111) covers it."""
+    text_tokens: int | None = None
+    """Text tokens the denoiser attends to, for the memory plan (None: the first text encoder's
+    context length, max_position_embeddings: CLIP's 77)."""
     public: PublicConfig | None = None
     """Public configs: `difflora plan --base KEY` without a download."""
 

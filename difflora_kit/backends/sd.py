@@ -30,6 +30,7 @@ from .. import diffusion
 from ..devices import compute_dtype
 from . import registry
 from .latent import LatentBackend
+from .unet_inputs import unet_latent_multiple, unet_plan_inputs
 from .registry import Family
 
 
@@ -79,6 +80,14 @@ class StableDiffusionBackend(LatentBackend):
         size = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
         vae = json.loads((folder / "vae" / "config.json").read_text())
         return size * 2 ** (len(vae["block_out_channels"]) - 1)
+
+    @classmethod
+    def latent_multiple(cls, config: dict) -> int:
+        return unet_latent_multiple(config)
+
+    @classmethod
+    def plan_inputs(cls, config: dict, batch: int, side: int, tokens: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+        return unet_plan_inputs(config, batch, side, tokens, dtype)
 
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,6 +19,7 @@ from ..files import atomic_directory
 from ..toy import model
 from .base import Backend
 from .registry import TOY
+from .unet_inputs import unet_latent_multiple, unet_plan_inputs
 
 DATA_SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
 DEFAULT_FOLDER = DATA_SAMPLES / "toy_base"
@@ -78,6 +79,14 @@ class ToyBackend(Backend):
             self.scheduler.save_pretrained(tmp / "scheduler")
             index = {"_class_name": "DiffLoraToyPipeline", "family": TOY.key, "name": "toy", **(extra or {})}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    @classmethod
+    def latent_multiple(cls, config: dict) -> int:
+        return unet_latent_multiple(config)
+
+    @classmethod
+    def plan_inputs(cls, config: dict, batch: int, side: int, tokens: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+        return unet_plan_inputs(config, batch, side, tokens, dtype)
 
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()
