@@ -11,6 +11,12 @@ smaller, random weights, no download. The tokenizer is the toy model's word-leve
 16-channel AutoencoderKL with shift_factor, CLIPTextModel (pooled) + T5EncoderModel, and the
 FlowMatchEulerDiscreteScheduler with dynamic shifting (dev's settings). The toy tokenizer fills both
 tokenizer slots.
+
+"zimage": ZImagePipeline (Z-Image-Turbo's layout) with a tiny ZImageTransformer2DModel (the real model's
+patch size 2, RoPE axes lengths, qk-norm; head_dim = sum(axes_dims)), the FLUX-like 16-channel VAE (Z-Image
+uses FLUX's VAE constants), a tiny Qwen3Model text encoder (the prompt's states are its hidden_states[-2]),
+the toy tokenizer with a small chat template (the pipeline formats every prompt with
+`apply_chat_template`), and Z-Image-Turbo's FlowMatchEulerDiscreteScheduler (static shift 3).
 """
 
 from __future__ import annotations
@@ -95,13 +101,49 @@ def _flux_parts(vocab: int, max_len: int, seed: int) -> dict:
     return dict(transformer=transformer, vae=vae, text_encoder_2=t5, scheduler=scheduler)
 
 
+# Z-Image's chat template, cut down: the real one (Qwen3's) gives "<|im_start|>user\n{prompt}<|im_end|>\n
+# <|im_start|>assistant\n" for the pipeline's call (enable_thinking=True adds no think block). This one
+# gives "user {prompt} assistant", words the toy tokenizer spells with its own letters.
+ZIMAGE_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }} {{ message['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}assistant{% if enable_thinking is defined and "
+                        "not enable_thinking %} think{% endif %}{% endif %}")
+
+
+def _zimage_parts(vocab: int, seed: int) -> dict:
+    """The Z-Image components: transformer, 16-channel VAE, Qwen3 text encoder, Z-Image-Turbo's scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64,
+                                           n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, qk_norm=True,
+                                           cap_feat_dim=HIDDEN, axes_dims=[4, 6, 6], axes_lens=[1536, 512, 512])
+    with torch.no_grad():  # zeros at init (learned in the real model): random, so padding is visible in tests
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8, layers_per_block=1,
+                        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=IMAGE_SIZE, use_quant_conv=False,
+                        use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)  # Z-Image's (FLUX's)
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=8, max_position_embeddings=512, rms_norm_eps=1e-6,
+                                          rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=0,
+                                          eos_token_id=1, pad_token_id=1))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
+                                                use_dynamic_shifting=False)  # Z-Image-Turbo's scheduler config
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+
+
 def make_tiny_pipeline(family: str, folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Write a tiny random `family` ("sd15", "sdxl" or "flux") pipeline to `folder` with save_pretrained
-    (`prediction_type`: SD only; FLUX predicts the flow velocity)."""
+    """Write a tiny random `family` ("sd15", "sdxl", "flux" or "zimage") pipeline to `folder` with
+    save_pretrained (`prediction_type`: SD only; FLUX and Z-Image are flow-matching models)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if family not in ("sd15", "sdxl", "flux"):
-        raise ValueError(f"family must be sd15, sdxl or flux, got {family!r}")
+    if family not in ("sd15", "sdxl", "flux", "zimage"):
+        raise ValueError(f"family must be sd15, sdxl, flux or zimage, got {family!r}")
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp) / "tokenizer"
         shutil.copytree(TOY_FOLDER / "tokenizer", tok_dir)
@@ -112,6 +154,14 @@ def make_tiny_pipeline(family: str, folder: str | Path, seed: int = 0, predictio
 
         pipe = FluxPipeline(**_flux_parts(vocab, max_len, seed), tokenizer=tokenizer, tokenizer_2=tokenizer,
                             text_encoder=_text_encoder(vocab, max_len, projection=False, seed=seed + 3))
+        with atomic_directory(Path(folder)) as out:
+            pipe.save_pretrained(out, safe_serialization=True)
+        return Path(folder)
+    if family == "zimage":
+        from diffusers import ZImagePipeline
+
+        tokenizer.chat_template = ZIMAGE_CHAT_TEMPLATE
+        pipe = ZImagePipeline(**_zimage_parts(vocab, seed), tokenizer=tokenizer)
         with atomic_directory(Path(folder)) as out:
             pipe.save_pretrained(out, safe_serialization=True)
         return Path(folder)

@@ -108,7 +108,27 @@ FLUX = Family(
     sampling=dict(steps=28, guidance=3.5, rescale=0.0),  # FluxPipeline's: distilled guidance, no CFG
     plan=False)
 
-FAMILIES: tuple[Family, ...] = (TOY, SD15, SDXL, FLUX)
+# Z-Image-Turbo (Tongyi-MAI/Z-Image-Turbo: transformer/, text_encoder/ and vae/ config.json): a 6B
+# single-stream DiT, a Qwen3-4B text encoder (its hidden_states[-2]), FLUX.1's 16-channel VAE.
+ZIMAGE_TRANSFORMER = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+    n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+    axes_dims=(32, 48, 48), axes_lens=(1536, 512, 512),
+)
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+ZIMAGE_VAE = dict(model_configs.SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                  scaling_factor=0.3611, shift_factor=0.1159, force_upcast=True)
+
+ZIMAGE = Family(
+    key="zimage", label="Z-Image", pipelines=("ZImagePipeline",), backend="zimage:ZImageBackend",
+    denoiser_folder="transformer", denoiser_class="ZImageTransformer2DModel", lora_prefix="transformer",
+    sampling=dict(steps=8, guidance=0.0, rescale=0.0),  # Z-Image-Turbo: 8 steps, the pipeline's g = 0 (no CFG)
+    text_tokens=512,  # the plan counts a caption of the pipeline's max_sequence_length: an upper bound
+    public=PublicConfig(ZIMAGE_TRANSFORMER, (("Qwen3Model", QWEN3_4B),), ZIMAGE_VAE, tokens=512, sample_size=1024))
+
+FAMILIES: tuple[Family, ...] = (TOY, SD15, SDXL, FLUX, ZIMAGE)
 
 
 def get(key: str) -> Family:
