@@ -9,15 +9,22 @@
     difflora average L1.safetensors L2.safetensors ... --out AVG.safetensors [--weights 0.5,0.5] [--rank N|auto]
     difflora pairs METADATA.jsonl --out DIR [--axis detail] [--limit N] [--rank-out N|auto]
     difflora stability METADATA.jsonl | --from PAIRS_DIR --axis detail --n 1,2,4,8,16 --subsets 8 --out DIR
+
+Each command parses its flags, resolves --base once (backends.resolve_base) and passes that down,
+calls the library (pair_files.train_stage_to_file, pair_files.train_pair_to_folder, many_pairs.run, sample,
+demo, stability, plan) and prints what it returns. A flag's help is its TrainConfig field's docstring.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
 import os
 import sys
+import textwrap
 import typing
 import warnings
 from pathlib import Path
@@ -43,20 +50,34 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def field_docs(cls) -> dict[str, str]:
+    """{field: its docstring} of a dataclass: the string right under each field in its source, on one line."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for field, under in zip(body, body[1:]):  # `name: type = default`, then a string expression
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and isinstance(under, ast.Expr)
+                and isinstance(under.value, ast.Constant) and isinstance(under.value.value, str)):
+            docs[field.target.id] = " ".join(under.value.value.split())
+    return docs
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    hints = typing.get_type_hints(cls)
+    """A flag per field of `cls`; its help: the field's docstring, then its default."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
+        doc = docs.get(f.name, "").replace("%", "%%")  # argparse fills in %(default)s and the like
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{doc} (default {f.default})".lstrip())
         elif f.name == "targets":
             parser.add_argument(flag, type=lambda s: tuple(x for x in s.split(",") if x), default=None,
-                                help="comma-separated module suffixes (default " + ",".join(f.default) + ")")
+                                help=f"{doc} Comma-separated (default {','.join(f.default)})".lstrip())
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, type=kind, default=None, help=f"{doc} (default {f.default})".lstrip())
 
 
 def _given_flags(args, cls) -> dict:
@@ -78,19 +99,13 @@ def _train_cfg_from(**fields) -> TrainConfig:
         raise UserError(str(e))
 
 
-def load_lora(path, base="toy"):
-    """A LoRA file in the kit's/diffusers' keys or kohya's (names resolved against `base`)."""
-    from . import backends, lora
-
-    return lora.load(path, module_names=lambda: backends.module_names(base))
-
-
 def cmd_convert(args) -> None:
-    from . import kohya, lora
+    from . import backends, lora, pair
     from .files import check_writable
 
     check_writable(args.out, args.force)
-    the_lora = load_lora(args.lora, args.base)
+    base = backends.resolve_base(args.base, configs_only=True)  # kohya keys need the module names alone
+    the_lora = pair.load_lora(args.lora, base)
     if args.to == "kohya":
         lora.save_kohya(args.out, the_lora)
     else:
@@ -99,25 +114,29 @@ def cmd_convert(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from . import plan
+    from . import backends, plan
+    from .backends import registry
 
     cfg = _train_cfg(args)
-    result = plan.plan_memory(args.base, args.resolution, cfg, args.dtype, offload_encoders=not args.keep_encoders)
+    # a family key with public configs is planned from them (nothing fetched); anything else is a base
+    base = args.base if registry.public_config(args.base) else backends.resolve_base(args.base, configs_only=True)
+    result = plan.plan_memory(base, args.resolution, cfg, args.dtype, offload_encoders=not args.keep_encoders)
     print(plan.format_plan(result, args.gpu_memory))
     if args.gpu_memory and result.peak > 0.9 * args.gpu_memory * plan.GiB:
         print("to fit, lower one of these (predicted peak after the change):")
         print("\n".join(f"  {line}" for line in plan.advice(result)))
 
 
-def _sample_cfg(args) -> SampleConfig:
-    """The base's family defaults (config.sample_defaults), with the flags given on top."""
+def _sample_cfg(args, base=None) -> SampleConfig:
+    """The base's family defaults (its registry row's sampling), with the flags given on top;
+    `base`: the resolved base (None: args.base)."""
     from . import backends
-    from .config import sample_defaults
 
     given = (("steps", args.sample_steps), ("guidance", args.guidance), ("rescale", args.rescale),
              ("lora_off_first", args.lora_off_first))
     try:
-        start = sample_defaults(backends.family(getattr(args, "base", "toy")))
+        start = backends.resolve_base(base if base is not None else getattr(args, "base", "toy"),
+                                      configs_only=True).family.sample_config()
         return dataclasses.replace(start, **{k: v for k, v in given if v is not None})
     except ValueError as e:
         raise UserError(str(e))
@@ -131,97 +150,34 @@ def _add_sample_flags(p):
                    help="start-noise gate: fraction of the first sampling steps without the LoRA (default 0)")
 
 
-def _model_size(base) -> int:
-    from . import backends
-
-    return backends.sample_size(base)
-
-
-def _finish(path: Path, the_lora, checkpoint: Path) -> None:
-    """Write the finished LoRA, then drop its checkpoint (in that order: a kill between the two
-    leaves a finished LoRA and a stale checkpoint, never a lost run)."""
-    from . import lora
-
-    lora.save(path, the_lora)
-    checkpoint.unlink(missing_ok=True)
-
-
-def _health(plain_base, lora2, prompt: str, image2) -> dict:
-    """LoRA 2's health report on the plain base (difflora_kit.health), stamped into its metadata."""
-    from . import health
-
-    report = health.report(plain_base, lora2, prompt, image2)
-    health.stamp(lora2, report)
-    return report
-
-
-def _write_report(path: Path, report: dict, tag: str = "LoRA 2", shown: str | None = None) -> None:
-    """Write the report (atomically) and print its verdict line and advice; `shown`: the path printed."""
-    from . import health
-
-    health.save(path, report)
-    print(f"{tag} health: {report['line']} [{report['seconds']:.1f} s; {shown or path}]\n  try: {report['advice']}")
-
-
 def cmd_train(args) -> None:
-    from . import pair
-    from .checkpoint import checkpoint_path
-    from .files import check_writable
-    from .images import load_image
+    from . import backends, pair_files
 
-    check_writable(args.out, args.force)
-    report_path = Path(args.out).with_suffix(".report.json") if args.preset_lora and not args.no_report else None
-    if report_path is not None:
-        check_writable(report_path, args.force)
-    image = load_image(args.image, _model_size(args.base), args.resize)
-    preset = load_lora(args.preset_lora, args.base) if args.preset_lora else None
-    ckpt = checkpoint_path(args.out)
-    cfg = _train_cfg(args)
-    result = pair.train_stage(image, args.prompt, cfg, args.base, preset, checkpoint=ckpt, resume=args.resume)
-    report = _health(pair.prepare_base(args.base, cfg), result.lora, args.prompt, image) if report_path else None
-    _finish(args.out, result.lora, ckpt)
+    base = backends.resolve_base(args.base)
+    written = pair_files.train_stage_to_file(args.out, args.image, args.prompt, _train_cfg(args), base, args.preset_lora,
+                                             report=not args.no_report, resume=args.resume, force=args.force,
+                                             resize=args.resize)
+    result = written.result
     print(f"wrote {args.out} (stage {result.lora.meta['stage']}, {len(result.losses)} steps in {result.seconds:.1f} s, "
           f"final loss {result.losses[-1]:.4f})")
-    if report is not None:
-        _write_report(report_path, report)
+    if written.report is not None:
+        print(pair_files.report_line(written.report, written.report_path))
 
 
 def cmd_pair(args) -> None:
-    from . import pair
-    from .checkpoint import checkpoint_path
-    from .files import check_writable
-    from .images import check_pair, load_image
+    from . import backends, pair_files
 
-    out = Path(args.out)
-    paths = out / "lora1.safetensors", out / "lora2.safetensors"
-    report_path = None if args.no_report else out / "report.json"
-    step1_done = args.resume and paths[0].is_file()  # resuming after step 1 finished: keep its LoRA
-    for path in [*paths[1 if step1_done else 0:], *([report_path] if report_path else [])]:
-        check_writable(path, args.force)
-    size = _model_size(args.base)
-    image1, image2 = load_image(args.image1, size, args.resize), load_image(args.image2, size, args.resize)
-    check_pair(image1, image2)
-    cfg = _train_cfg(args)
-    if step1_done:
-        lora1 = load_lora(paths[0], args.base)
-        print(f"resuming: {paths[0]} is finished, step 1 skipped")
-    else:
-        step1 = pair.train_stage(image1, args.prompt, cfg, args.base, None, checkpoint=checkpoint_path(paths[0]),
-                                 resume=args.resume)
-        lora1 = step1.lora
-        _finish(paths[0], lora1, checkpoint_path(paths[0]))
-    step2 = pair.train_stage(image2, args.prompt, cfg, args.base, lora1, checkpoint=checkpoint_path(paths[1]),
-                             resume=args.resume)
-    step2.lora.meta["image1_digest"] = lora1.meta.get("image_digest", "")
-    report = _health(pair.prepare_base(args.base, cfg), step2.lora, args.prompt, image2) if report_path else None
-    _finish(paths[1], step2.lora, checkpoint_path(paths[1]))
-    print(f"wrote {paths[0]} and {paths[1]} (step 2 {step2.seconds:.1f} s)")
-    if report is not None:
-        _write_report(report_path, report)
+    base = backends.resolve_base(args.base)
+    written = pair_files.train_pair_to_folder(args.out, args.image1, args.image2, args.prompt, _train_cfg(args), base,
+                                              report=not args.no_report, resume=args.resume, force=args.force,
+                                              resize=args.resize)
+    print(f"wrote {written.paths[0]} and {written.paths[1]} (step 2 {written.step2.seconds:.1f} s)")
+    if written.report is not None:
+        print(pair_files.report_line(written.report, written.report_path))
 
 
 def cmd_sample(args) -> None:
-    from . import lora, pair, plots, sample
+    from . import backends, pair, plots, sample
     from .files import atomic_directory, check_writable
     from .images import save_png
 
@@ -231,10 +187,11 @@ def cmd_sample(args) -> None:
     prompts = args.prompt
     if any(not p.strip() for p in prompts):
         raise UserError("a --prompt is empty: give a caption, e.g. --prompt 'a red circle on a blue background'")
-    the_lora = load_lora(args.lora, args.base) if args.lora else None
-    preset = load_lora(args.preset_lora, args.base) if args.preset_lora else None
-    backend = pair.prepare_base(args.base, _train_cfg_from(eight_bit=args.eight_bit, preset_mode=args.preset_mode), preset)
-    images = sample.sweep(backend, the_lora, prompts, args.seeds, args.scales, _sample_cfg(args))  # (P, S, K, H, W, 3)
+    base = backends.resolve_base(args.base)
+    the_lora = pair.load_lora(args.lora, base) if args.lora else None
+    preset = pair.load_lora(args.preset_lora, base) if args.preset_lora else None
+    backend = pair.prepare_base(base, _train_cfg_from(eight_bit=args.eight_bit, preset_mode=args.preset_mode), preset)
+    images = sample.sweep(backend, the_lora, prompts, args.seeds, args.scales, _sample_cfg(args, base))  # (P, S, K, H, W, 3)
     P, S, K = images.shape[:3]
     grid = images.transpose(2, 0, 1, 3, 4, 5).reshape(K, P * S, *images.shape[3:])  # rows: scales
     cols = [f"p{p} seed {s}" for p in range(P) for s in args.seeds]
@@ -253,19 +210,19 @@ def cmd_sample(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .demo import run
-
-    from .demo import quick_configs
+    from . import backends
+    from .demo import quick_configs, run
 
     cfg = _train_cfg(args, quick_configs()[0] if args.quick else None)
     run(args.out, pairs=args.pairs, axis=args.axis, n_average=args.n_average, cfg=cfg,
-        quick=args.quick, force=args.force, base=args.base)
+        quick=args.quick, force=args.force, base=backends.resolve_base(args.base))
 
 
 def cmd_demo(args) -> None:
+    from . import backends
     from .demo import run
 
-    run(args.out, quick=args.quick, force=args.force, base=args.base)
+    run(args.out, quick=args.quick, force=args.force, base=backends.resolve_base(args.base))
 
 
 def cmd_make_pairs(args) -> None:
@@ -323,138 +280,23 @@ def cmd_average(args) -> None:
     print(f"wrote {args.out}")
 
 
-def _select_pairs(rows: list[dict], axis: str | None, limit: int | None) -> list[dict]:
-    axes = sorted({r.get("axis") or "" for r in rows})
-    if axis is not None:
-        rows = [r for r in rows if r.get("axis") == axis]
-        if not rows:
-            raise UserError(f"no pair on axis {axis!r} in the metadata (axes there: {', '.join(a for a in axes if a) or 'none'})")
-    elif len(axes) > 1:
-        raise UserError(f"the metadata holds pairs of several axes ({', '.join(a or '(none)' for a in axes)}): choose one "
-                        "with --axis (an average of LoRA 2s of different axes mixes their effects)")
-    if limit is not None and limit <= 0:
-        raise UserError(f"--limit must be a positive integer, got {limit}")
-    if not rows:
-        raise UserError("the metadata holds no pair")
-    return rows[:limit] if limit else rows
-
-
-def _dud_members(entries: list[dict], mode: str, dud_weight: float) -> tuple[list[int], list[float] | None, dict, str]:
-    """Which LoRA 2s the average takes, under --duds keep|drop|down-weight (a dud: a health verdict other
-    than "transfers"): (their positions in `entries`, weights (None: 1/N each), index.json's record, a line)."""
-    from .health import TRANSFERS
-
-    everyone = list(range(len(entries)))
-    record = {"duds": mode, "left_out": [], "down_weighted": [], "kept_duds": []}
-    if any("verdict" not in e for e in entries):
-        return everyone, None, {**record, "duds": "keep"}, "no health reports (--no-report): every LoRA 2 is averaged"
-    duds = [k for k, e in enumerate(entries) if e["verdict"] != TRANSFERS]
-    named = ", ".join(f"{entries[k]['dir']} ({entries[k]['verdict']})" for k in duds)
-    if not duds:
-        return everyone, None, record, f"duds (--duds {mode}): none, every LoRA 2's verdict is '{TRANSFERS}'"
-    of = f"{len(duds)} of {len(entries)} LoRA 2s"
-    if mode == "keep":
-        record["kept_duds"] = [{"dir": entries[k]["dir"], "verdict": entries[k]["verdict"]} for k in duds]
-        return everyone, None, record, f"duds (--duds keep): {of} averaged at full weight although not '{TRANSFERS}': {named}"
-    if mode == "drop":
-        members = [k for k in everyone if k not in duds]
-        if not members:
-            raise UserError(f"--duds drop leaves nothing to average: every LoRA 2 is a dud ({named}). Use --duds keep "
-                            "(or --duds down-weight) to average them anyway, or train longer / check the pairs "
-                            "(each pair_XXX/report.json says what to try)")
-        record["left_out"] = [{"dir": entries[k]["dir"], "verdict": entries[k]["verdict"],
-                               "reason": f"health verdict '{entries[k]['verdict']}' (--duds drop)"} for k in duds]
-        return members, None, record, f"duds (--duds drop): left out {of} from the average: {named}"
-    raw = [dud_weight if k in duds else 1.0 for k in everyone]
-    weights = [w / sum(raw) for w in raw]
-    record["down_weighted"] = [{"dir": entries[k]["dir"], "verdict": entries[k]["verdict"], "weight": round(weights[k], 6),
-                                "reason": f"health verdict '{entries[k]['verdict']}' (--duds down-weight, "
-                                          f"--dud-weight {dud_weight:g} before normalising)"} for k in duds]
-    return everyone, weights, record, (f"duds (--duds down-weight): {of} at weight {dud_weight:g} before normalising "
-                                       f"({weights[duds[0]]:.3g} after, the others {max(weights):.3g}): {named}")
-
-
 def cmd_pairs(args) -> None:
-    from . import average, distributed, lora, pair
-    from .files import atomic_directory, check_writable
-    from .images import load_image
-    from .toy.pairs import read_pairs
+    from . import average, backends, many_pairs
 
-    check_writable(args.out, args.force)
+    base = backends.resolve_base(args.base)
     rank, energy = _rank_energy(args.rank_out, args.energy, "--rank-out")
-    cfg = _train_cfg(args)
-    if args.no_report and args.duds != "keep":
-        raise UserError(f"--duds {args.duds} reads the LoRA 2s' health reports: leave out --no-report (or use --duds keep)")
-    if not 0 < args.dud_weight <= 1:
-        raise UserError(f"--dud-weight must be in (0, 1] (--duds drop leaves duds out), got {args.dud_weight!r}")
-    rows = _select_pairs(read_pairs(args.metadata), args.axis, args.limit)
-    size = _model_size(args.base)
-    images = [(load_image(r["image1"], size, args.resize), load_image(r["image2"], size, args.resize)) for r in rows]
-
-    def train_share(group, tmp: Path) -> dict[int, tuple[dict, lora.LoraFile]]:
-        """Train and write this process' pairs (all of them for one process): {i: (index entry, LoRA 2)},
-        each LoRA 2 with its health report (on this process' plain base, loaded once)."""
-        done, plain = {}, None
-        for i in distributed.shard(len(rows), group.processes, group.index):
-            row, (image1, image2) = rows[i], images[i]
-            if not tmp.is_dir():  # removed: another process failed; train and write nothing more
-                raise distributed.PeerFailedError(f"process {group.index} of {group.processes}: the temp folder "
-                                                  f"{tmp} is gone: another process failed (its error is above)")
-            print(f"pair {i + 1}/{len(rows)}{group.tag}: {row['prompt']!r}")
-            result = pair.train_pair(image1, image2, row["prompt"], cfg, args.base)
-            report = None
-            if not args.no_report:
-                plain = pair.prepare_base(args.base, cfg) if plain is None else plain
-                report = _health(plain, result.lora2, row["prompt"], image2)  # stamped before the LoRA is saved
-            pair.save_pair(result, tmp / f"pair_{i:03d}")
-            done[i] = (pair.index_entry(i, row, result), result.lora2)
-            if report is not None:
-                done[i][0].update(verdict=report["verdict"], other_change=float(f"{report['other_change']:.4g}"),
-                                  drag=float(f"{report['drag']:.4g}"))
-                _write_report(tmp / f"pair_{i:03d}" / "report.json", report, f"pair {i + 1}/{len(rows)} LoRA 2",
-                              f"pair_{i:03d}/report.json")
-        return done
-
-    # One process, or under accelerate launch / torchrun a share of the pairs each (difflora_kit.distributed).
-    try:
-        with distributed.launched() as group:
-            if not group.is_main:  # train into the main process' temp folder, report, exit
-                tmp = group.share_folder(None)
-                with distributed.discarded_on_error(tmp):
-                    done = train_share(group, tmp)
-                    group.gather({i: entry for i, (entry, _) in done.items()})
-                return
-            with atomic_directory(args.out) as tmp:  # DIR appears whole at the end, or not at all
-                done = train_share(group, group.share_folder(tmp))
-                shares = group.gather({i: entry for i, (entry, _) in done.items()})  # waits for every process
-                indexed = sorted((i, e) for share in shares for i, e in share.items())  # pair order, not process order
-                entries = [e for _, e in indexed]
-                members, weights, duds, dud_note = _dud_members(entries, args.duds, args.dud_weight)
-                # the members' LoRA 2s; another process' from the file it wrote
-                lora2s = [done[i][1] if i in done else lora.load(tmp / e["dir"] / "lora2.safetensors")
-                          for i, e in (indexed[k] for k in members)]
-                avg = average.average(lora2s, weights, rank, energy)
-                lora.save(tmp / "average.safetensors", avg.lora)
-                summary = {"file": "average.safetensors", "method": avg.method,
-                           "members": [entries[k]["lora2_digest"] for k in members],
-                           "weights": [round(w, 6) for w in avg.weights], **duds,
-                           "rank": max(average.module_ranks(avg.lora).values()),
-                           "rank_setting": rank if rank is not None else "exact",
-                           "energy_kept": avg.svd.energy if avg.svd else 1.0}
-                index = {"metadata": str(args.metadata), "axis": args.axis or rows[0].get("axis", ""),
-                         "base": str(args.base), "config": dataclasses.asdict(cfg), "pairs": entries,
-                         "average": summary, **({"processes": group.processes} if group.processes > 1 else {})}
-                (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-    except distributed.PeerFailedError as e:
-        raise UserError(str(e)) from None
-    print(dud_note)
-    print(average.format_report(avg))
-    print(f"wrote {len(rows)} pairs (pair_000 ...), average.safetensors and index.json in {args.out}"
-          + (f" ({group.processes} processes)" if group.processes > 1 else ""))
+    result = many_pairs.run(args.out, args.metadata, _train_cfg(args), base, args.axis, args.limit, rank, energy,
+                            args.duds, args.dud_weight, report=not args.no_report, resize=args.resize, force=args.force)
+    if result is None:  # a process of a launch other than the main one: the main one writes and reports
+        return
+    print(result.dud_note)
+    print(average.format_report(result.average))
+    print(f"wrote {result.pairs} pairs (pair_000 ...), average.safetensors and index.json in {args.out}"
+          + (f" ({result.processes} processes)" if result.processes > 1 else ""))
 
 
 def cmd_stability(args) -> None:
-    from . import stability
+    from . import backends, stability
     from .config import SampleConfig
 
     if (args.metadata is None) == (args.from_dir is None):
@@ -464,7 +306,8 @@ def cmd_stability(args) -> None:
     if not ns or ns[0] < 1:
         raise UserError(f"--n takes pair counts >= 1, e.g. 1,2,4,8,16; got {args.n}")
     cfg = _train_cfg(args) if args.metadata is not None else None
-    result = stability.run(args.out, args.metadata, args.from_dir, args.axis, tuple(ns), args.subsets, cfg, args.base,
+    base = backends.resolve_base(args.base)
+    result = stability.run(args.out, args.metadata, args.from_dir, args.axis, tuple(ns), args.subsets, cfg, base,
                            args.prompts, args.seeds_per_prompt, args.candidates, SampleConfig(steps=args.sample_steps),
                            args.limit, args.seed_subsets, args.force)
     print(stability.table(result))
@@ -530,6 +373,8 @@ def _add_average_parsers(sub, common) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backends import registry
+
     parser = argparse.ArgumentParser(prog="difflora", description="Differential LoRA training for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -597,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("plan", help="predicted peak GPU memory of step 1 and step 2, by component")
-    p.add_argument("--base", default="sdxl", help="sd15, sdxl (public configs), toy, a model folder or a hub id")
+    public = [row.key for row in registry.FAMILIES if row.public is not None]
+    p.add_argument("--base", default=registry.SDXL.key,
+                   help=f"{', '.join(public)} (public configs, nothing downloaded), toy, a model folder or a hub id")
     p.add_argument("--resolution", type=int, default=None, help="training image size in pixels (default: the base's own)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="compute dtype: bf16 on sm80+ (A100, RTX 30xx/40xx), fp16 on a T4 (sm75)")
@@ -644,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[i] in ("--scales", "--seeds", "--weights") and argv[i + 1].startswith("-"):
             argv[i : i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
     args = build_parser().parse_args([a for a in argv if a != ""])
+    from .distributed import PeerFailedError
     from .files import OutputExistsError
     from .images import ImageInputError
     from .lora import LoraMismatchError
@@ -656,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args.func(args)
         except (UserError, OutputExistsError, ImageInputError, LoraMismatchError, NonFiniteLossError, OutOfMemoryAdvice,
-                FileNotFoundError, NotImplementedError, ValueError) as e:
+                PeerFailedError, FileNotFoundError, NotImplementedError, ValueError) as e:
             print(f"difflora: error: {e}", file=sys.stderr)
             return 2
     return 0

@@ -104,15 +104,3 @@ class SampleConfig:
         if self.guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {self.guidance!r}")
 
-
-# Sampling defaults by model family: the toy's were tuned on the toy (v-prediction, guidance rescale);
-# SD 1.x and SDXL take diffusers' pipeline defaults for guidance (7.5 and 5.0), no rescale.
-# FLUX: FluxPipeline's defaults (28 steps, distilled guidance 3.5; no CFG, so no rescale).
-_SAMPLE_DEFAULTS = {"sd15": dict(steps=30, guidance=7.5, rescale=0.0), "sdxl": dict(steps=30, guidance=5.0, rescale=0.0),
-                    "flux": dict(steps=28, guidance=3.5, rescale=0.0)}
-
-
-def sample_defaults(family: str) -> SampleConfig:
-    """The SampleConfig a family samples with unless told otherwise (the toy: SampleConfig())."""
-    return SampleConfig(**_SAMPLE_DEFAULTS.get(family, {}))
-

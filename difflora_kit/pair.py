@@ -5,6 +5,7 @@
     use:     base(8-bit) + s * LoRA 2   (LoRA 1 dropped)
 
 The preset LoRA is fused while quantizing by default; difflora_kit.preset has the other two ways.
+Everything here is in memory; difflora_kit.pair_files writes a pair the way `difflora pair` does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 
 from . import backends, lora, quant
+from .backends import Base
 from .config import TrainConfig
+from .files import check_writable
 from .images import check_pair, image_digest
 from .plan import DTYPE_NAMES, explain_out_of_memory
 from .preset import apply_preset
@@ -24,7 +27,8 @@ from .devices import compute_dtype
 from .train import TrainResult, train_lora
 
 
-def prepare_base(base: str | Path, cfg: TrainConfig, preset: lora.LoraFile | None = None, device: str | None = None):
+def prepare_base(base: str | Path | Base, cfg: TrainConfig, preset: lora.LoraFile | None = None,
+                 device: str | None = None):
     """Load a fresh base (on `device`: backends.load_backend's default when None); apply the preset
     LoRA (if any) the way cfg.preset_mode says; 8-bit linears if cfg.eight_bit."""
     backend = backends.load_backend(base, device)
@@ -35,13 +39,19 @@ def prepare_base(base: str | Path, cfg: TrainConfig, preset: lora.LoraFile | Non
     return backend
 
 
-def train_stage(image: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Path = "toy",
+def load_lora(path: Path, base: str | Path | Base = "toy") -> lora.LoraFile:
+    """A LoRA file in the kit's/diffusers' keys or kohya's (names resolved against `base`)."""
+    return lora.load(path, module_names=lambda: backends.module_names(base))
+
+
+def train_stage(image: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Path | Base = "toy",
                 preset: lora.LoraFile | None = None, progress: bool = True,
                 checkpoint: Path | None = None, resume: bool = False) -> TrainResult:
     """Train one LoRA: step 1 without a preset, step 2 with LoRA 1 as the preset.
     `checkpoint`/`resume`: see train.train_lora."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: give the caption of the image, e.g. --prompt 'a red circle on a blue background'")
+    base = backends.resolve_base(base)
     plan_args = {"base": base, "resolution": image.shape[0], "cfg": cfg,
                  "dtype": DTYPE_NAMES[compute_dtype("cuda" if torch.cuda.is_available() else "cpu")]}
     with explain_out_of_memory(plan_args):  # a GPU out of memory: what to lower, with the plan's figures
@@ -72,10 +82,11 @@ class PairResult:
         return self.step2.lora
 
 
-def train_pair(image1: np.ndarray, image2: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Path = "toy",
+def train_pair(image1: np.ndarray, image2: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Path | Base = "toy",
                progress: bool = True) -> PairResult:
-    """Both steps for one pair; nothing is written (see `save_pair`)."""
+    """Both steps for one pair; nothing is written (see `save_pair`, or pair_files.train_pair_to_folder)."""
     check_pair(image1, image2)
+    base = backends.resolve_base(base)
     step1 = train_stage(image1, prompt, cfg, base, None, progress)
     step2 = train_stage(image2, prompt, cfg, base, step1.lora, progress)
     step2.lora.meta["image1_digest"] = step1.lora.meta["image_digest"]
@@ -91,8 +102,6 @@ def index_entry(i: int, row: dict, result: PairResult) -> dict:
 
 
 def save_pair(result: PairResult, out_dir: Path, force: bool = False) -> tuple[Path, Path]:
-    from .files import check_writable
-
     out_dir = Path(out_dir)
     paths = out_dir / "lora1.safetensors", out_dir / "lora2.safetensors"
     for p in paths:

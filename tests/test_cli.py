@@ -1,10 +1,13 @@
 """The CLI end to end on the toy model: train step 1 and 2, sample a sweep with single images."""
 
+import dataclasses
 import json
 
+import pytest
 from PIL import Image
 
-from difflora_kit import cli, lora
+from difflora_kit import backends, cli, lora
+from difflora_kit.config import TrainConfig
 from difflora_kit.demo import DEFAULT_PAIRS
 from difflora_kit.toy.pairs import read_pairs
 
@@ -52,3 +55,61 @@ def test_unknown_base_family_is_a_clear_error(capsys, tmp_path):
     (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')  # but no unet/ folder
     assert cli.main(train) == 2
     assert "unet" in capsys.readouterr().err and not (tmp_path / "l.safetensors").exists()
+
+
+def test_pair_resolves_the_base_once(monkeypatch, tmp_path, capsys):
+    """`difflora pair` resolves --base once (backends.resolve_base) and passes the Base down: sizes,
+    both steps, the base digest, the plain base of the health report."""
+    calls = {"resolve": 0, "_family_key": 0}
+    for name in calls:
+        real = getattr(backends, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(backends, name, counted)
+    row = read_pairs(DEFAULT_PAIRS)[0]
+    out = tmp_path / "pair"
+    assert cli.main(["pair", row["image1"], row["image2"], "--prompt", row["prompt"], "--steps", "2", "--batch", "2",
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "lora2.safetensors").is_file() and (out / "report.json").is_file()
+    assert calls == {"resolve": 1, "_family_key": 1}
+    assert lora.load(out / "lora2.safetensors").meta["base"] == "toy"  # str(Base): the spec as given
+
+
+def test_train_help_shows_the_config_docstrings(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps the help at the terminal's width
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--help"])
+    assert done.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    docs = cli.field_docs(TrainConfig)
+    assert docs["preset_mode"].startswith("How the preset LoRA enters the base in step 2: fuse | requant | adapter")
+    assert docs["gradient_checkpointing"].startswith("Recompute the denoiser's blocks in the backward pass")
+    for name, default in (("preset_mode", "fuse"), ("gradient_checkpointing", False), ("rank", 8)):
+        assert f"{docs[name]} (default {default})" in shown, name
+    assert set(docs) == {f.name for f in dataclasses.fields(TrainConfig)}  # every field has its docstring
+
+
+def test_pair_resume_keeps_a_finished_lora1(tmp_path, capsys):
+    from difflora_kit import pair_files
+    from difflora_kit.images import load_image
+
+    row = read_pairs(DEFAULT_PAIRS)[0]
+    out = tmp_path / "pair"
+    argv = ["pair", row["image1"], row["image2"], "--prompt", row["prompt"], "--steps", "2", "--batch", "2",
+            "--no-report", "--out", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    lora1 = (out / "lora1.safetensors").read_bytes()
+    (out / "lora2.safetensors").unlink()  # as if killed in step 2
+    assert cli.main(argv + ["--resume"]) == 0, capsys.readouterr().err
+    assert f"resuming: {out / 'lora1.safetensors'} is finished, step 1 skipped" in capsys.readouterr().out
+    assert (out / "lora1.safetensors").read_bytes() == lora1
+    assert lora.load(out / "lora2.safetensors").meta["image1_digest"] == lora.load(out / "lora1.safetensors").meta["image_digest"]
+    # the library function the CLI calls, on arrays: the same files, nothing else
+    written = pair_files.train_pair_to_folder(tmp_path / "lib", load_image(row["image1"]), load_image(row["image2"]),
+                                              row["prompt"], TrainConfig(steps=2, batch=2), "toy", report=False,
+                                              progress=False)
+    assert not written.resumed_after_step1 and written.report is None
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == ["lora1.safetensors", "lora2.safetensors"]

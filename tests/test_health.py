@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from difflora_kit import cli, diffusion, health, lora
+from difflora_kit import cli, diffusion, health, lora, many_pairs
 from difflora_kit.config import TrainConfig
 from difflora_kit.demo import DEFAULT_PAIRS
 from difflora_kit.images import load_image
@@ -144,13 +144,13 @@ def test_cli_pairs_duds_drop_says_what_it_left_out(tmp_path, capsys):
 
 def test_duds_records_down_weight_and_the_all_duds_error():
     entries = [{"dir": "pair_000", "verdict": health.TRANSFERS}, {"dir": "pair_001", "verdict": health.NO_EFFECT}]
-    members, weights, record, note = cli._dud_members(entries, "down-weight", 0.25)
+    members, weights, record, note = many_pairs.dud_members(entries, "down-weight", 0.25)
     assert members == [0, 1] and weights == pytest.approx([0.8, 0.2])
     assert record["down_weighted"][0]["dir"] == "pair_001" and "down-weight" in note
-    assert cli._dud_members(entries, "drop", 0.25)[:2] == ([0], None)
-    assert cli._dud_members(entries, "keep", 0.25)[2]["kept_duds"] == [{"dir": "pair_001", "verdict": health.NO_EFFECT}]
-    with pytest.raises(cli.UserError, match="every LoRA 2 is a dud.*no effect on other prompts.*--duds keep"):
-        cli._dud_members([{**e, "verdict": health.NO_EFFECT} for e in entries], "drop", 0.25)
+    assert many_pairs.dud_members(entries, "drop", 0.25)[:2] == ([0], None)
+    assert many_pairs.dud_members(entries, "keep", 0.25)[2]["kept_duds"] == [{"dir": "pair_001", "verdict": health.NO_EFFECT}]
+    with pytest.raises(ValueError, match="every LoRA 2 is a dud.*no effect on other prompts.*--duds keep"):
+        many_pairs.dud_members([{**e, "verdict": health.NO_EFFECT} for e in entries], "drop", 0.25)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])

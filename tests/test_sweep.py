@@ -50,7 +50,8 @@ def test_sampling_defaults_follow_the_base_family(tmp_path):
     import argparse
 
     from difflora_kit import cli
-    from difflora_kit.config import SampleConfig, sample_defaults
+    from difflora_kit.backends.registry import sample_defaults
+    from difflora_kit.config import SampleConfig
     from difflora_kit.tiny_models import make_tiny_pipeline
 
     assert sample_defaults("difflora-toy") == SampleConfig()
