@@ -18,6 +18,7 @@ demo, stability, plan) and prints what it returns. A flag's help is its TrainCon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ast
 import dataclasses
 import inspect
@@ -381,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, base=True):
         if base:
             p.add_argument("--base", default="toy", help="base model: 'toy' (built in) or a model folder")
+            p.add_argument("--device", default=None,
+                           help="cpu, cuda or cuda:N (default: $DIFFLORA_DEVICE, else CUDA when there is one, else the CPU)")
         p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
     p = sub.add_parser("train", help="train one LoRA (step 1; step 2 with --preset-lora)")
@@ -502,12 +505,32 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = lambda msg, *a, **k: print(f"difflora: note: {msg}", file=sys.stderr)
         try:
-            args.func(args)
+            with _forced_device(getattr(args, "device", None)):
+                args.func(args)
         except (UserError, OutputExistsError, ImageInputError, LoraMismatchError, NonFiniteLossError, OutOfMemoryAdvice,
                 PeerFailedError, FileNotFoundError, NotImplementedError, ValueError) as e:
             print(f"difflora: error: {e}", file=sys.stderr)
             return 2
     return 0
+
+
+@contextlib.contextmanager
+def _forced_device(device: str | None):
+    """--device: $DIFFLORA_DEVICE for the command (every backend the command loads goes there)."""
+    if device is None:
+        yield
+        return
+    from .backends import DEVICE_VARIABLE, check_device
+
+    before = os.environ.get(DEVICE_VARIABLE)
+    os.environ[DEVICE_VARIABLE] = check_device(device)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DEVICE_VARIABLE, None)
+        else:
+            os.environ[DEVICE_VARIABLE] = before
 
 
 if __name__ == "__main__":

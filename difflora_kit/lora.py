@@ -58,6 +58,10 @@ class LoraMismatchError(ValueError):
     """A LoRA file does not fit the model it is applied to."""
 
 
+class NonFiniteLoraError(ValueError):
+    """A LoRA file holds NaN or infinite values."""
+
+
 @dataclasses.dataclass
 class LoraFile:
     """A LoRA in memory: diffusers-keyed tensors, the peft config dict, the kit's metadata."""
@@ -184,6 +188,7 @@ def load(path: Path, module_names=None) -> LoraFile:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    check_finite(path, tensors)
     if kohya.is_kohya(tensors):
         if module_names is None:
             raise LoraMismatchError(f"{path} is a kohya-format LoRA: its module names are resolved against the "
@@ -212,6 +217,16 @@ def load(path: Path, module_names=None) -> LoraFile:
         raise LoraMismatchError(f"{path}: keys are not diffusers LoRA keys (expected the '{PREFIX}.' or "
                                 f"{' or '.join(repr(p + '.') for p in FILE_PREFIXES[1:])} prefix)")
     return LoraFile(tensors, config, meta)
+
+
+def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A clear error naming the file and its first keys when any tensor holds NaN or infinity (a LoRA
+    saved from a run that diverged: applied, it would turn every output into NaN)."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteLoraError(f"{path} holds NaN or infinite values in {len(bad)} of its {len(tensors)} tensors "
+                                 f"(e.g. {', '.join(sorted(bad)[:3])}): it came from a training run that diverged. "
+                                 "Retrain it (lower --lr or --alpha), or use another file")
 
 
 def _same_setting(saved, wanted) -> bool:

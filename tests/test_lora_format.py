@@ -1,6 +1,7 @@
 """Kit LoRA files: safetensors in diffusers key names, loadable by diffusers' own loader."""
 
 import numpy as np
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -127,3 +128,26 @@ def test_load_matching_loads_only_a_lora_with_the_wanted_settings(tmp_path):
     broken.write_bytes(b"not a safetensors file")
     got, why = lora.load_matching(broken, meta)
     assert got is None and why.startswith("unreadable LoRA file") and str(broken) in why
+
+
+def test_a_lora_file_with_nan_is_refused_naming_the_file(tmp_path, capsys):
+    """A preset LoRA holding NaN used to surface as 'the training loss became nan ... lower the learning
+    rate'; now loading it names the file and the cause, and `difflora train` stops before training."""
+    from difflora_kit import cli
+
+    good = lora.LoraFile({"unet.a.lora_A.weight": torch.ones(2, 3), "unet.a.lora_B.weight": torch.zeros(3, 2)},
+                         {"r": 2, "lora_alpha": 2}, {"stage": "1"})
+    bad = lora.LoraFile({**good.tensors, "unet.a.lora_B.weight": torch.tensor([[0.0, float("nan")]] * 3)}, good.config, good.meta)
+    lora.save(tmp_path / "good.safetensors", good)
+    lora.save(tmp_path / "bad.safetensors", bad)
+    assert lora.load(tmp_path / "good.safetensors").rank == 2
+    with pytest.raises(lora.NonFiniteLoraError, match=r"bad\.safetensors holds NaN or infinite values in 1 of its 2"):
+        lora.load(tmp_path / "bad.safetensors")
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    code = cli.main(["train", str(image), "--prompt", "a red circle", "--out", str(tmp_path / "l2.safetensors"),
+                     "--preset-lora", str(tmp_path / "bad.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.safetensors holds NaN" in err and not (tmp_path / "l2.safetensors").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -116,18 +117,39 @@ def sample_size(base: str | Path | Base = "toy") -> int:
     return base.family.backend_class().folder_sample_size(base.folder)
 
 
-def default_device(row: Family) -> str:
-    """Where a family's backend goes unless a device is named: "auto" rows on CUDA when available."""
-    if row.default_device == "cpu":  # the toy is small: a GPU gains little (difflora_kit issue 13 revisits this)
-        return "cpu"
+DEVICE_VARIABLE = "DIFFLORA_DEVICE"
+
+
+def default_device() -> str:
+    """Where a backend goes unless a device is named: $DIFFLORA_DEVICE when set (cpu, cuda, cuda:1),
+    else CUDA when there is one, else the CPU. Noise is drawn on the CPU either way, so a seed gives
+    the same pictures on both devices (within the GPU's rounding)."""
+    forced = os.environ.get(DEVICE_VARIABLE, "").strip()
+    if forced:
+        return check_device(forced, f"${DEVICE_VARIABLE}")
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_backend(base: str | Path | Base = "toy", device: str | None = None) -> Backend:
+def check_device(device: str, where: str = "--device") -> str:
+    """`device` if this machine has it; a clear error naming `where` it came from otherwise."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{where} {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{where} {device!r}: this machine has no CUDA GPU (torch {torch.__version__}); use cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"{where} {device!r}: there are {torch.cuda.device_count()} CUDA devices here")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"{where} {device!r}: the kit runs on cpu or cuda")
+    return device
+
+
+def load_backend(base: str | Path | Base = "toy", device: str | None = None, denoiser=None) -> Backend:
     """A fresh, full-precision backend for `base` (each call reloads: training modifies the denoiser),
-    on `device` (default: the family's, see default_device)."""
+    on `device` (default: default_device()); `denoiser`: one already built instead."""
     base = resolve_base(base)
-    return base.family.backend_class().load(base.folder, device or default_device(base.family))
+    return base.family.backend_class().load(base.folder, device or default_device(), denoiser=denoiser)
 
 
 def module_names(base: str | Path | Base = "toy") -> list[str]:

@@ -46,8 +46,11 @@ class Backend(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, folder, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "Backend":
-        """The base in a model folder, on `device`, computing in `dtype` (None: the family's rule)."""
+    def load(cls, folder, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             denoiser: nn.Module | None = None) -> "Backend":
+        """The base in a model folder, on `device`, computing in `dtype` (None: the family's rule).
+        `denoiser`: one already built (e.g. streamed in 8-bit, difflora_kit.streaming) instead of
+        reading the folder's."""
 
     @staticmethod
     @abc.abstractmethod

@@ -75,14 +75,15 @@ class FluxBackend(LatentBackend):
         self.default_targets = self.targets_for(transformer.config)
 
     @classmethod
-    def load(cls, folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def load(cls, folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, denoiser=None):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         folder = Path(folder)
         dtype = dtype or compute_dtype(device)
         common = {"torch_dtype": dtype, "use_safetensors": True}
-        transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", **common)
+        transformer = denoiser if denoiser is not None else \
+            FluxTransformer2DModel.from_pretrained(folder / "transformer", **common)
         vae = AutoencoderKL.from_pretrained(folder / "vae", **common)
         encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", **common),
                     T5EncoderModel.from_pretrained(folder / "text_encoder_2", **common)]

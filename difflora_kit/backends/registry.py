@@ -56,8 +56,6 @@ class Family:
     SD 1.x) or "penultimate" (hidden_states[-2], SDXL)."""
     full_precision: bool = False
     """True: computes in fp32 on any device (the toy is small); False: devices.compute_dtype."""
-    default_device: str = "auto"
-    """Where load_backend puts it unless told: "auto" (CUDA when available, else the CPU) or "cpu"."""
     pixel_space: bool = False
     """True: the denoiser works on pixels (no VAE): the toy."""
     toy_world: bool = False
@@ -85,7 +83,7 @@ TOY = Family(
     key="difflora-toy", label="the toy model", pipelines=("DiffLoraToyPipeline",), backend="toy:ToyBackend",
     denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
     sampling=dict(steps=20, guidance=2.0, rescale=0.7),  # tuned on the toy (v-prediction, guidance rescale)
-    full_precision=True, default_device="cpu", pixel_space=True, toy_world=True, kohya=True)
+    full_precision=True, pixel_space=True, toy_world=True, kohya=True)
 
 SD15 = Family(
     key="sd15", label="Stable Diffusion 1.x", pipelines=("StableDiffusionPipeline",), backend="sd:StableDiffusionBackend",

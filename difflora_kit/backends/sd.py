@@ -46,7 +46,7 @@ class StableDiffusionBackend(LatentBackend):
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def load(cls, folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, denoiser=None):
         """Load every component from a diffusers folder; the denoiser stays full precision (the kit
         quantizes its linears itself), in `dtype` (default: compute_dtype(device))."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -59,7 +59,7 @@ class StableDiffusionBackend(LatentBackend):
             raise NotImplementedError(f"{folder}: pipeline {index.get('_class_name')!r} is not SD 1.x or SDXL")
         dtype = dtype or compute_dtype(device)
         common = {"torch_dtype": dtype, "use_safetensors": True}
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", **common)
+        unet = denoiser if denoiser is not None else UNet2DConditionModel.from_pretrained(folder / "unet", **common)
         vae_dtype = dtype
         if dtype == torch.float16 and AutoencoderKL.load_config(folder / "vae").get("force_upcast", False):
             vae_dtype = torch.float32  # SDXL's VAE overflows in fp16 (NaN latents): diffusers upcasts it too

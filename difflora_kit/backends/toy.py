@@ -49,7 +49,8 @@ class ToyBackend(Backend):
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
-    def load(cls, folder: Path = DEFAULT_FOLDER, device: str | torch.device = "cpu", dtype=None) -> "ToyBackend":
+    def load(cls, folder: Path = DEFAULT_FOLDER, device: str | torch.device = "cpu", dtype=None,
+             denoiser=None) -> "ToyBackend":
         """The toy model in `folder`, on `device`; always fp32 (`dtype` is not used: the toy is small)."""
         folder = Path(folder)
         index = folder / "model_index.json"
@@ -59,7 +60,7 @@ class ToyBackend(Backend):
                 f"{DEFAULT_FOLDER}; make a new one with `python -m difflora_kit.toy.pretrain --out DIR`."
             )
         info = json.loads(index.read_text())
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        unet = denoiser if denoiser is not None else UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")

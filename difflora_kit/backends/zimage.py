@@ -67,14 +67,15 @@ class ZImageBackend(LatentBackend):
         super().__init__(family, transformer, vae, [text_encoder], [tokenizer], scheduler, name, device)
 
     @classmethod
-    def load(cls, folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def load(cls, folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, denoiser=None):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
         from transformers import AutoModel, AutoTokenizer
 
         folder = Path(folder)
         dtype = dtype or compute_dtype(device)
         common = {"torch_dtype": dtype, "use_safetensors": True}
-        transformer = ZImageTransformer2DModel.from_pretrained(folder / "transformer", **common)
+        transformer = denoiser if denoiser is not None else \
+            ZImageTransformer2DModel.from_pretrained(folder / "transformer", **common)
         vae = AutoencoderKL.from_pretrained(folder / "vae", **common)
         text_encoder = AutoModel.from_pretrained(folder / "text_encoder", **common)  # Qwen3Model
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
