@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..quiet import quiet_loading
 from . import registry
 from .base import Backend
 from .registry import Family
@@ -149,7 +150,8 @@ def load_backend(base: str | Path | Base = "toy", device: str | None = None, den
     """A fresh, full-precision backend for `base` (each call reloads: training modifies the denoiser),
     on `device` (default: default_device()); `denoiser`: one already built instead."""
     base = resolve_base(base)
-    return base.family.backend_class().load(base.folder, device or default_device(), denoiser=denoiser)
+    with quiet_loading():  # no "Loading weights" bars: a pair loads the base three times
+        return base.family.backend_class().load(base.folder, device or default_device(), denoiser=denoiser)
 
 
 def module_names(base: str | Path | Base = "toy") -> list[str]:
