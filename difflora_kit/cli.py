@@ -494,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         if argv[i] in ("--scales", "--seeds", "--weights") and argv[i + 1].startswith("-"):
             argv[i : i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
     args = build_parser().parse_args([a for a in argv if a != ""])
+    try:
+        _check_inputs(args)  # before any model library is imported: a bad file fails in a moment
+    except (OSError, ValueError) as e:  # FileNotFoundError, OutputExistsError, ImageInputError
+        print(f"difflora: error: {e}", file=sys.stderr)
+        return 2
     from .distributed import PeerFailedError
     from .files import OutputExistsError
     from .images import ImageInputError
@@ -512,6 +517,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"difflora: error: {e}", file=sys.stderr)
             return 2
     return 0
+
+
+def _check_inputs(args) -> None:
+    """The checks that need no model: input images readable, LoRA files present and safetensors, the
+    pairs metadata present, a single-file output not there already (without --force). The commands
+    check the same again, and what needs the model (sizes, keys), once it is loaded."""
+    from .files import check_lora_path, check_writable
+    from .images import load_image
+
+    for name in ("image", "image1", "image2"):
+        if getattr(args, name, None) is not None:
+            load_image(getattr(args, name))
+    for name in ("lora", "preset_lora"):
+        if getattr(args, name, None) is not None:
+            check_lora_path(getattr(args, name))
+    for path in getattr(args, "loras", None) or []:
+        check_lora_path(path)
+    metadata = getattr(args, "metadata", None)
+    if metadata is not None and not Path(metadata).is_file():
+        raise FileNotFoundError(f"pairs metadata {metadata} does not exist; make one with `difflora make-pairs`")
+    if args.command in ("sample", "average", "convert") and not args.force:
+        check_writable(args.out, False)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,17 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+def check_lora_path(path: Path) -> Path:
+    """A LoRA file's path, refused before anything is read: missing, or not a .safetensors file
+    (pickled .pt/.bin files are never loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors LoRA files are read (pickled .pt/.bin files are never loaded)")
+    return path
+
+
 def check_writable(path: Path, force: bool) -> None:
     """Refuse to overwrite an existing result unless `force` is set."""
     if Path(path).exists() and not force:

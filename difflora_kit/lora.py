@@ -32,7 +32,7 @@ from torch import nn
 
 from . import __version__, kohya
 from .backends import registry
-from .files import atomic_file
+from .files import atomic_file, check_lora_path
 
 PREFIX = "unet"  # in memory every LoRA is keyed "unet.<module>..."
 # In a file, keys carry the family's denoiser name (its registry row's lora_prefix: what its pipeline's
@@ -177,11 +177,7 @@ def load(path: Path, module_names=None) -> LoraFile:
     """Read a LoRA file (safetensors only: never a pickle): the kit's / diffusers' keys, or kohya's
     (`lora_unet_*`, converted; that needs `module_names()`, a callable giving the base denoiser's
     module names, see backends.module_names)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors LoRA files are read (pickled .pt/.bin files are never loaded)")
+    path = check_lora_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -18,13 +18,15 @@ import json
 import os
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
+from ..paths import TOY_BASE as DEFAULT_FOLDER
 from ..quiet import quiet_loading
 from . import registry
-from .base import Backend
 from .registry import Family
-from .toy import DEFAULT_FOLDER
+
+if TYPE_CHECKING:  # importing this package stays light: torch and the model libraries load with a backend
+    from .base import Backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +127,8 @@ def default_device() -> str:
     """Where a backend goes unless a device is named: $DIFFLORA_DEVICE when set (cpu, cuda, cuda:1),
     else CUDA when there is one, else the CPU. Noise is drawn on the CPU either way, so a seed gives
     the same pictures on both devices (within the GPU's rounding)."""
+    import torch
+
     forced = os.environ.get(DEVICE_VARIABLE, "").strip()
     if forced:
         return check_device(forced, f"${DEVICE_VARIABLE}")
@@ -133,6 +137,8 @@ def default_device() -> str:
 
 def check_device(device: str, where: str = "--device") -> str:
     """`device` if this machine has it; a clear error naming `where` it came from otherwise."""
+    import torch
+
     try:
         parsed = torch.device(device)
     except RuntimeError:
@@ -157,6 +163,7 @@ def load_backend(base: str | Path | Base = "toy", device: str | None = None, den
 def module_names(base: str | Path | Base = "toy") -> list[str]:
     """Names of the denoiser's modules, from its config alone (built on the meta device: no weights)."""
     import diffusers
+    import torch
 
     base = resolve_base(base, configs_only=True)
     model = getattr(diffusers, base.family.denoiser_class)

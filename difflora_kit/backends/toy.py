@@ -16,13 +16,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .. import diffusion
 from ..files import atomic_directory
+from ..paths import DATA_SAMPLES, TOY_BASE as DEFAULT_FOLDER  # noqa: F401  (DATA_SAMPLES: for the kit's users)
 from ..toy import model
 from .base import Backend
 from .registry import TOY
 from .unet_inputs import unet_latent_multiple, unet_plan_inputs
-
-DATA_SAMPLES = Path(__file__).resolve().parents[2] / "data_samples"
-DEFAULT_FOLDER = DATA_SAMPLES / "toy_base"
 
 
 class ToyBackend(Backend):
