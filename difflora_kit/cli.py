@@ -114,6 +114,12 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.out} ({args.to} keys, {len(the_lora.modules())} modules, rank {the_lora.rank})")
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import run
+
+    return run(args.device)
+
+
 def cmd_plan(args) -> None:
     from . import backends, plan
     from .backends import registry
@@ -456,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, TrainConfig, skip=("seed", "lr", "steps", "checkpoint_every", "preset_scale"))
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("doctor", help="this machine's environment, and every path the kit computes with checked "
+                                      "against its reference (PASS/FAIL/SKIP lines; exit 0 ok, 1 a check failed, 2 it could not run)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when there is one)")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("convert", help="a LoRA in other keys: kohya (ComfyUI, A1111) or the kit's diffusers keys")
     p.add_argument("lora", type=Path)
     p.add_argument("--to", choices=("kohya", "diffusers"), required=True)
@@ -510,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = lambda msg, *a, **k: print(f"difflora: note: {msg}", file=sys.stderr)
         try:
+            if args.command == "doctor":  # its own exit codes; its --device is what it checks
+                return args.func(args)
             with _forced_device(getattr(args, "device", None)):
                 args.func(args)
         except (UserError, OutputExistsError, ImageInputError, LoraMismatchError, NonFiniteLossError, OutOfMemoryAdvice,

@@ -30,8 +30,21 @@ remerge_int8 reads CB twice (2 bytes) + writes CB' (1); dequant_merge is a singl
 All in-kernel arithmetic is fp32 (loads are cast to fp32 first; the Triton interpreter's bf16
 arithmetic is wrong), round-half-even via the 1.5*2**23 trick (no libdevice rint in the
 interpreter), index arithmetic in int64 (out*in can exceed 2**31).
+
+Dispatch (backend="auto", `triton_choice`): Triton on CUDA sm80+ for every dtype, and on sm75 (T4)
+for fp16/fp32 weights and outputs; the PyTorch reference elsewhere. sm75 is outside Triton's
+supported hardware since Triton 3.3 (README: "NVIDIA GPUs (Compute Capability 8.0+)";
+https://github.com/triton-lang/triton/pull/5066 "Deprecate MMAv1; fallback to FMA for
+computeCapability < 80"; a maintainer in https://github.com/triton-lang/triton/issues/10918: sm75
+"may work at times, but we are not implementing or accepting fixes"). Its compiler still has the
+pre-Ampere path (triton/backends/nvidia/compiler.py: no pipelining below sm80, FMA dots), and these
+kernels use nothing else: a float32 tl.dot with input_precision="ieee" is FMA code on every card,
+no tensor cores, no async copies. bf16 is never sent there (ptxas: "Feature 'cvt.bf16.f32'
+requires .target sm_80 or higher"). `difflora doctor` runs the kernels against their references
+on the learner's card; under "auto" a kernel error on a card below sm80 falls back to the reference.
 """
 import os
+import warnings
 
 import torch
 
@@ -160,25 +173,93 @@ if triton is not None:
 
 
 # ----------------------------------------------------------------------------- dispatch
-def use_triton(tensor):
-    """True when the Triton kernels should run for `tensor`: Triton present, CUDA tensor, sm80+."""
-    return (triton is not None and tensor.is_cuda
-            and torch.cuda.get_device_capability(tensor.device) >= (8, 0))
+# Which CUDA cards backend="auto" runs the kernels on (kernels/README.md, "Dispatch", has the sources):
+#   sm80+       every dtype: Triton's supported hardware ("NVIDIA GPUs (Compute Capability 8.0+)")
+#   sm75 (T4)   fp16/fp32 weights and outputs, int8 bases; no bf16 there (ptxas: cvt.bf16.f32 needs
+#               sm_80). Triton dropped Turing from its supported list in 3.3 (triton-lang/triton#5066)
+#               but its compiler keeps the pre-Ampere path (FMA dots, no software pipelining), and
+#               these kernels need nothing more: their fp32 "ieee" tl.dot is FMA code on every card.
+#               Unsupported upstream, so `difflora doctor` checks them on the card, and an error
+#               of a kernel there makes "auto" fall back to the reference (with a warning).
+#   older cards, CPU tensors, no Triton, or DIFFLORA_MERGE_KERNELS=torch: the PyTorch reference.
+MIN_CAPABILITY = (7, 5)
+BF16_CAPABILITY = (8, 0)
+SUPPORTED_CAPABILITY = (8, 0)  # Triton's own floor: below it a kernel error falls back under "auto"
+ENV_BACKEND = "DIFFLORA_MERGE_KERNELS"  # "torch": backend="auto" always takes the reference
+_FAILED: dict[str, str] = {}  # device -> the kernel error that made "auto" fall back there
 
 
-def _want_triton(backend, tensor):
+def triton_choice(capability, dtypes, triton_available=True):
+    """(run the Triton kernels?, why) on a CUDA card of `capability` (major, minor) for tensors of
+    `dtypes` (the base's and the output's; None entries are ignored). The pure rule of "auto"."""
+    capability = tuple(capability)
+    sm = f"sm{capability[0]}{capability[1]}"
+    if not triton_available:
+        return False, "Triton is not installed"
+    if capability < MIN_CAPABILITY:
+        return False, f"{sm} is older than sm75 (T4), the oldest card the kernels run on"
+    if capability < BF16_CAPABILITY and torch.bfloat16 in dtypes:
+        return False, f"{sm} has no bf16 (it needs sm80+)"
+    if capability < SUPPORTED_CAPABILITY:
+        return True, (f"{sm}: fp16/fp32 through Triton's pre-Ampere path (not supported upstream: "
+                      "`difflora doctor` checks it on this card)")
+    return True, f"{sm}: Triton's supported hardware (sm80+)"
+
+
+def auto_choice(tensor, out_dtype=None):
+    """(run the Triton kernels?, why) for backend="auto" on `tensor` (and an output of `out_dtype`)."""
+    forced = os.environ.get(ENV_BACKEND, "auto")
+    if forced not in ("auto", "torch"):
+        raise ValueError(f"{ENV_BACKEND} must be 'auto' or 'torch', got {forced!r}")
+    if forced == "torch":
+        return False, f"{ENV_BACKEND}=torch"
+    if not tensor.is_cuda:
+        return False, f"a {tensor.device.type} tensor (the kernels run on CUDA)"
+    if str(tensor.device) in _FAILED:
+        return False, f"the kernels failed on {tensor.device} earlier in this process: {_FAILED[str(tensor.device)]}"
+    return triton_choice(torch.cuda.get_device_capability(tensor.device), (tensor.dtype, out_dtype),
+                         triton is not None)
+
+
+def use_triton(tensor, out_dtype=None):
+    """True when backend="auto" runs the Triton kernels for `tensor` (see triton_choice)."""
+    return auto_choice(tensor, out_dtype)[0]
+
+
+def _want_triton(backend, tensor, out_dtype=None):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
     if backend == "auto":
-        return use_triton(tensor)
+        return use_triton(tensor, out_dtype)
     if triton is None:
         raise RuntimeError("backend='triton' needs the `triton` package, which is not installed")
     if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set "
                            "before triton is imported")
     return True
+
+
+def _run(backend, tensor, out_dtype, kernel, reference):
+    """kernel() or reference(), as `backend` says. Under "auto" on a card below sm80 (not supported
+    by Triton upstream) an error of the kernel falls back to the reference for the rest of the
+    process, with a warning; backend="triton" always raises it."""
+    if not _want_triton(backend, tensor, out_dtype):
+        return reference()
+    if backend == "triton" or torch.cuda.get_device_capability(tensor.device) >= SUPPORTED_CAPABILITY:
+        return kernel()
+    try:
+        return kernel()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # a compile or launch error on an unsupported card (Triton raises many types)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        _FAILED[str(tensor.device)] = f"{type(e).__name__}: {first}"
+        warnings.warn(f"the Triton merge kernels failed on {tensor.device} ({_FAILED[str(tensor.device)]}); "
+                      "using the PyTorch reference from now on (same results, slower). "
+                      "Run `difflora doctor` and report its output.", RuntimeWarning, stacklevel=3)
+        return reference()
 
 
 def rank_pad(r):
@@ -221,6 +302,17 @@ def _launch_quant(src, scb_in, A, B, scale, block_m, block_k):
     return cb, scb
 
 
+def _launch_dequant(CB, SCB, A, B, scale, out_dtype, block_m, block_k):
+    M, K = CB.shape
+    a, b, r_pad = _padded_lora(A, B, CB.device)
+    bm, bk = _blocks(r_pad, block_m, block_k)
+    out = torch.empty(M, K, dtype=out_dtype, device=CB.device)
+    _dequant_merge_kernel[(triton.cdiv(M, bm),)](
+        CB.contiguous(), SCB.float().contiguous(), a, b, out, M, K, float(scale),
+        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad)
+    return out
+
+
 # ----------------------------------------------------------------------------- public API
 def merge_quantize(W, A, B, scale, backend="auto", block_m=None, block_k=None):
     """W [out, in] (fp16/bf16/fp32) + scale * B @ A -> row-wise int8 (CB [out, in], SCB [out]).
@@ -228,9 +320,9 @@ def merge_quantize(W, A, B, scale, backend="auto", block_m=None, block_k=None):
     One launch, two passes over `in` per row block (absmax, then quantize); the merged weight
     is never stored."""
     _check(W, A, B)
-    if not _want_triton(backend, W):
-        return merge_quantize_reference(W, A, B, scale)
-    return _launch_quant(W.contiguous(), None, A, B, scale, block_m, block_k)
+    return _run(backend, W, None,
+                lambda: _launch_quant(W.contiguous(), None, A, B, scale, block_m, block_k),
+                lambda: merge_quantize_reference(W, A, B, scale))
 
 
 def remerge_int8(CB, SCB, A, B, scale, backend="auto", block_m=None, block_k=None):
@@ -240,10 +332,10 @@ def remerge_int8(CB, SCB, A, B, scale, backend="auto", block_m=None, block_k=Non
     one: each requantization rounds again, so chaining merges/unmerges drifts by up to 1 LSB per
     round trip. To switch LoRAs, remerge the pristine base with the new LoRA."""
     _check(CB, A, B)
-    if not _want_triton(backend, CB):
-        return remerge_int8_reference(CB, SCB, A, B, scale)
-    return _launch_quant(CB.contiguous(), SCB.float().contiguous(), A, B, scale,
-                         block_m, block_k)
+    return _run(backend, CB, None,
+                lambda: _launch_quant(CB.contiguous(), SCB.float().contiguous(), A, B, scale,
+                                      block_m, block_k),
+                lambda: remerge_int8_reference(CB, SCB, A, B, scale))
 
 
 def dequant_merge(CB, SCB, A, B, scale, out_dtype=torch.float16, backend="auto",
@@ -252,13 +344,7 @@ def dequant_merge(CB, SCB, A, B, scale, out_dtype=torch.float16, backend="auto",
     _check(CB, A, B)
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"out_dtype must be fp16, bf16 or fp32, got {out_dtype}")
-    if not _want_triton(backend, CB):
-        return dequant_merge_reference(CB, SCB, A, B, scale, out_dtype)
-    M, K = CB.shape
-    a, b, r_pad = _padded_lora(A, B, CB.device)
-    bm, bk = _blocks(r_pad, block_m, block_k)
-    out = torch.empty(M, K, dtype=out_dtype, device=CB.device)
-    _dequant_merge_kernel[(triton.cdiv(M, bm),)](
-        CB.contiguous(), SCB.float().contiguous(), a, b, out, M, K, float(scale),
-        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad)
-    return out
+    return _run(backend, CB, out_dtype,
+                lambda: _launch_dequant(CB, SCB, A, B, scale, out_dtype, block_m, block_k),
+                lambda: dequant_merge_reference(CB, SCB, A, B, scale, out_dtype))
+
