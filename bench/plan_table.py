@@ -2,7 +2,7 @@
 
     python bench/plan_table.py
 
-`difflora plan` for SDXL at 1024 and SD 1.5 at 512, batch 1, rank 8, bf16 (fp16 for a T4 beside it),
+`difflora plan` for SDXL at 1024, SD 1.5 at 512 and Z-Image(-Turbo) at 1024, batch 1, rank 8, bf16 (fp16 for a T4 beside it),
 with and without gradient checkpointing. Predictions from the configs (difflora_kit.plan), not
 measurements: bench/gpu_memory.py measures the same settings on a GPU.
 """
@@ -21,7 +21,7 @@ from difflora_kit.config import TrainConfig  # noqa: E402
 
 def main() -> None:
     rows = []
-    for model, px in (("sdxl", 1024), ("sd15", 512)):
+    for model, px in (("sdxl", 1024), ("sd15", 512), ("zimage", 1024)):
         for dtype in ("bf16", "fp16"):
             for gc in (False, True):
                 p = plan.plan_memory(model, px, TrainConfig(batch=1, gradient_checkpointing=gc), dtype)

@@ -16,27 +16,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import backends, lora, quant
+from . import backends, lora, streaming
 from .backends import Base
 from .config import TrainConfig
 from .files import check_writable
 from .images import check_pair, image_digest
 from .plan import DTYPE_NAMES, explain_out_of_memory
-from .preset import apply_preset
 from .devices import compute_dtype
 from .train import TrainResult, train_lora
 
 
 def prepare_base(base: str | Path | Base, cfg: TrainConfig, preset: lora.LoraFile | None = None,
                  device: str | None = None):
-    """Load a fresh base (on `device`: backends.load_backend's default when None); apply the preset
-    LoRA (if any) the way cfg.preset_mode says; 8-bit linears if cfg.eight_bit."""
-    backend = backends.load_backend(base, device)
-    if preset is not None:
-        apply_preset(backend.unet, preset, cfg.preset_scale, cfg.preset_mode, cfg.eight_bit)
-    elif cfg.eight_bit:
-        quant.quantize_linears(backend.unet)
-    return backend
+    """Load a fresh base (on `device`: backends.default_device() when None). Its denoiser is streamed
+    layer by layer (difflora_kit.streaming): each linear gets the preset LoRA (if any) the way
+    cfg.preset_mode says and is quantized to 8-bit (if cfg.eight_bit) as it arrives, so the full
+    precision denoiser is never held whole."""
+    base = backends.resolve_base(base)
+    device = device or backends.default_device()
+    denoiser = streaming.load_denoiser(base, device, None, preset, cfg.preset_scale, cfg.preset_mode, cfg.eight_bit)
+    return backends.load_backend(base, device, denoiser=denoiser)
 
 
 def load_lora(path: Path, base: str | Path | Base = "toy") -> lora.LoraFile:

@@ -18,9 +18,10 @@ compute, a few seconds even for SDXL):
                         inputs they keep for the recompute, and the largest block's own saved tensors.
     backward workspace  twice the largest saved tensor (its gradient and one temporary): an estimate
 
-A step's peak is the sum of its components. Before the steps come two phases: loading holds the
-full-precision denoiser once (the merge kernels then quantize it layer by layer), and caching the
-latent holds the encoders and the VAE's temporaries (three times its largest activation). The prediction is of
+A step's peak is the sum of its components. Before the steps come two phases: loading streams the
+denoiser layer by layer (difflora_kit.streaming: each linear merged with the preset and quantized as
+it arrives, so the 8-bit model plus its largest layer in flight; the plan walks the same layers as
+the loader) beside the encoders, and caching the latent holds the encoders and the VAE's temporaries (three times its largest activation). The prediction is of
 torch.cuda.max_memory_allocated (the CUDA context, ~0.3-0.5 GiB more in nvidia-smi, is not in it);
 bench/gpu_memory.py measures the same on a GPU and prints both.
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import lora, model_configs
+from . import lora, model_configs, streaming
 from .backends import registry
 from .backends.registry import Family
 from .config import TrainConfig, lora_targets
@@ -269,7 +270,7 @@ class MemoryPlan:
     cfg: TrainConfig
     offload_encoders: bool
     load_peak: int
-    """Loading: the full-precision denoiser (before its linears are quantized) and the encoders."""
+    """Loading: the denoiser streamed in 8-bit (its largest layer in flight) and the encoders."""
     encode_peak: int
     """Caching latents and text states: 8-bit denoiser, encoders, the VAE encoding the image."""
     step1: StepPlan
@@ -335,8 +336,11 @@ def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfi
             steps[2] = StepPlan(dict(steps[1].components))
             break
         unet = _meta_denoiser(shapes, torch_dtype)
-        full = sum(p.numel() for p in unet.parameters()) * size
         weights = weight_bytes(unet, torch_dtype, cfg.eight_bit)
+        if step == 1:  # loading streams the denoiser layer by layer (streaming.load_denoiser): without and with LoRA 1
+            preset = streaming.target_ranks(unet, lora_targets(cfg.targets, shapes.backend.targets_for(shapes.unet)), cfg.rank)
+            load = max(streaming.loading_peak(unet, torch_dtype, cfg.eight_bit, None, "fuse", "cuda").peak,
+                       streaming.loading_peak(unet, torch_dtype, cfg.eight_bit, preset, cfg.preset_mode, "cuda").peak)
         n_lora = _attach(unet, cfg, with_preset, lora_targets(cfg.targets, shapes.backend.targets_for(shapes.unet)))
         n_preset = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n) - n_lora
         acts = measure_activations(unet, training_inputs(shapes, resolution, cfg.batch, torch_dtype),
@@ -351,7 +355,7 @@ def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfi
         parts["backward workspace (estimate)"] = acts.workspace
         steps[step] = StepPlan(parts)
     encode_peak = weights + encoders + vae_encode_workspace(shapes, resolution, vae_dtype(shapes, torch_dtype))
-    return MemoryPlan(str(base), resolution, dtype, cfg, offload_encoders, full + encoders, encode_peak, steps[1], steps[2])
+    return MemoryPlan(str(base), resolution, dtype, cfg, offload_encoders, load + encoders, encode_peak, steps[1], steps[2])
 
 
 def format_plan(plan: MemoryPlan, gpu_gib: float | None = None) -> str:
@@ -362,7 +366,7 @@ def format_plan(plan: MemoryPlan, gpu_gib: float | None = None) -> str:
     for n in names:
         lines.append(f"| {n} | {gib(plan.step1.components.get(n, 0))} | {gib(plan.step2.components.get(n, 0))} |")
     lines.append(f"| **peak of a training step** | **{gib(plan.step1.peak)}** | **{gib(plan.step2.peak)}** |")
-    lines += ["", f"loading (full-precision denoiser + encoders, before quantizing): {gib(plan.load_peak)} GiB",
+    lines += ["", f"loading (the denoiser streamed in 8-bit, its largest layer in flight, + encoders): {gib(plan.load_peak)} GiB",
               f"encoding the image and prompt once (8-bit denoiser + encoders + VAE at work): {gib(plan.encode_peak)} GiB",
               f"predicted peak: {gib(plan.peak)} GiB (torch.cuda.max_memory_allocated; the CUDA context comes on top)"]
     if gpu_gib is not None:
