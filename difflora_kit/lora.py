@@ -289,7 +289,8 @@ def fuse_into(unet: nn.Module, lora: LoraFile, strength: float = 1.0) -> None:
         A, B = lora.modules()[name]
         if not torch.is_floating_point(module.weight) or module.weight.dtype == torch.int8:
             raise TypeError(f"{name} is quantized: fuse the preset LoRA before quantize_linears()")
-        module.weight += delta_weight(A, B, strength * lora.scaling(name)).to(module.weight.dtype)
+        w = module.weight  # A, B come from the file, on the CPU; the weight may be on a GPU
+        w += delta_weight(A.to(w.device), B.to(w.device), strength * lora.scaling(name)).to(w.dtype)
 
 
 def module_deltas(lora: LoraFile, strength: float = 1.0) -> dict[str, torch.Tensor]:

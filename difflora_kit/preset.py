@@ -31,7 +31,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def _fuse_full_precision(module: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
     with torch.no_grad():
-        module.weight += lora.delta_weight(A, B, scale).to(module.weight.dtype)  # (out, in[, kh, kw])
+        w = module.weight  # (out, in[, kh, kw]); the LoRA file's A, B are on the CPU
+        w += lora.delta_weight(A.to(w.device), B.to(w.device), scale).to(w.dtype)
 
 
 def apply_preset(unet: nn.Module, preset: lora.LoraFile, strength: float = 1.0, mode: str = "fuse",
@@ -54,6 +55,8 @@ def apply_preset(unet: nn.Module, preset: lora.LoraFile, strength: float = 1.0, 
         quant.quantize_linears(unet)  # the base as loaded in int8: Q(W)
     for name, (A, B) in preset.modules().items():
         module, scale = unet.get_submodule(name), strength * preset.scaling(name)  # after any quantizing
+        device = module.weight.device  # the file's A, B are on the CPU; the denoiser may be on a GPU
+        A, B = A.to(device), B.to(device)
         if type(module) is nn.Linear:  # fuse: fp W + D -> int8 in one pass
             CB, SCB = kernels.merge_quantize(module.weight.detach(), A, B, scale, backend=backend)
             _set_submodule(unet, name, quant.int8_linear(CB, SCB, module.bias))
