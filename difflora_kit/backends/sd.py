@@ -30,11 +30,11 @@ from .. import diffusion
 from ..devices import compute_dtype
 from . import registry
 from .latent import LatentBackend
-from .unet_inputs import unet_latent_multiple, unet_plan_inputs
+from .unet_inputs import UNetPlan
 from .registry import Family
 
 
-class StableDiffusionBackend(LatentBackend):
+class StableDiffusionBackend(UNetPlan, LatentBackend):
     """SD 1.x / SDXL: encode prompts and images, the UNet, its training scheduler, and DDIM sampling."""
 
     def __init__(self, family: Family, unet, vae, text_encoders: list, tokenizers: list, scheduler,
@@ -80,14 +80,6 @@ class StableDiffusionBackend(LatentBackend):
         size = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
         vae = json.loads((folder / "vae" / "config.json").read_text())
         return size * 2 ** (len(vae["block_out_channels"]) - 1)
-
-    @classmethod
-    def latent_multiple(cls, config: dict) -> int:
-        return unet_latent_multiple(config)
-
-    @classmethod
-    def plan_inputs(cls, config: dict, batch: int, side: int, tokens: int, dtype: torch.dtype) -> tuple[tuple, dict]:
-        return unet_plan_inputs(config, batch, side, tokens, dtype)
 
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()

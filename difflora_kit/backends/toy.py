@@ -20,10 +20,10 @@ from ..paths import DATA_SAMPLES, TOY_BASE as DEFAULT_FOLDER  # noqa: F401  (DAT
 from ..toy import model
 from .base import Backend
 from .registry import TOY
-from .unet_inputs import unet_latent_multiple, unet_plan_inputs
+from .unet_inputs import UNetPlan
 
 
-class ToyBackend(Backend):
+class ToyBackend(UNetPlan, Backend):
     family = TOY
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
@@ -78,14 +78,6 @@ class ToyBackend(Backend):
             self.scheduler.save_pretrained(tmp / "scheduler")
             index = {"_class_name": "DiffLoraToyPipeline", "family": TOY.key, "name": "toy", **(extra or {})}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-    @classmethod
-    def latent_multiple(cls, config: dict) -> int:
-        return unet_latent_multiple(config)
-
-    @classmethod
-    def plan_inputs(cls, config: dict, batch: int, side: int, tokens: int, dtype: torch.dtype) -> tuple[tuple, dict]:
-        return unet_plan_inputs(config, batch, side, tokens, dtype)
 
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()

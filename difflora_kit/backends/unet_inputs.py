@@ -29,3 +29,15 @@ def unet_plan_inputs(config: dict, batch: int, side: int, tokens: int, dtype: to
 def unet_latent_multiple(config: dict) -> int:
     """The latent is halved once per level of the UNet: sides are multiples of 2^(levels - 1)."""
     return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+class UNetPlan:
+    """The memory plan's class methods of a Backend whose denoiser is a UNet2DConditionModel (toy, SD)."""
+
+    @classmethod
+    def latent_multiple(cls, config: dict) -> int:
+        return unet_latent_multiple(config)
+
+    @classmethod
+    def plan_inputs(cls, config: dict, batch: int, side: int, tokens: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+        return unet_plan_inputs(config, batch, side, tokens, dtype)
