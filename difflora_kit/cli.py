@@ -538,6 +538,7 @@ def _check_inputs(args) -> None:
     check the same again, and what needs the model (sizes, keys), once it is loaded."""
     from .files import check_lora_path, check_writable
     from .images import load_image
+    from .toy.pairs import check_metadata
 
     for name in ("image", "image1", "image2"):
         if getattr(args, name, None) is not None:
@@ -547,9 +548,8 @@ def _check_inputs(args) -> None:
             check_lora_path(getattr(args, name))
     for path in getattr(args, "loras", None) or []:
         check_lora_path(path)
-    metadata = getattr(args, "metadata", None)
-    if metadata is not None and not Path(metadata).is_file():
-        raise FileNotFoundError(f"pairs metadata {metadata} does not exist; make one with `difflora make-pairs`")
+    if getattr(args, "metadata", None) is not None:
+        check_metadata(args.metadata)
     if args.command in ("sample", "average", "convert") and not args.force:
         check_writable(args.out, False)
 

@@ -289,8 +289,15 @@ def fuse_into(unet: nn.Module, lora: LoraFile, strength: float = 1.0) -> None:
         A, B = lora.modules()[name]
         if not torch.is_floating_point(module.weight) or module.weight.dtype == torch.int8:
             raise TypeError(f"{name} is quantized: fuse the preset LoRA before quantize_linears()")
-        w = module.weight  # A, B come from the file, on the CPU; the weight may be on a GPU
-        w += delta_weight(A.to(w.device), B.to(w.device), strength * lora.scaling(name)).to(w.dtype)
+        add_delta_(module, A, B, strength * lora.scaling(name))
+
+
+@torch.no_grad()
+def add_delta_(module: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    """module.weight += scale * B @ A in the weight's own dtype, in place. A, B (from a file, on the
+    CPU) are moved to the weight's device."""
+    w = module.weight  # (out, in[, kh, kw])
+    w += delta_weight(A.to(w.device), B.to(w.device), scale).to(w.dtype)
 
 
 def module_deltas(lora: LoraFile, strength: float = 1.0) -> dict[str, torch.Tensor]:

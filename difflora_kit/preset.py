@@ -24,15 +24,10 @@ from .config import PRESET_MODES, check_mode  # noqa: F401 (preset.PRESET_MODES:
 from .lora import PRESET_ADAPTER, load_frozen_adapter
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called `name` ("a.b.c") of `root` by `module`."""
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
-def _fuse_full_precision(module: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-    with torch.no_grad():
-        w = module.weight  # (out, in[, kh, kw]); the LoRA file's A, B are on the CPU
-        w += lora.delta_weight(A.to(w.device), B.to(w.device), scale).to(w.dtype)
 
 
 def apply_preset(unet: nn.Module, preset: lora.LoraFile, strength: float = 1.0, mode: str = "fuse",
@@ -59,12 +54,12 @@ def apply_preset(unet: nn.Module, preset: lora.LoraFile, strength: float = 1.0, 
         A, B = A.to(device), B.to(device)
         if type(module) is nn.Linear:  # fuse: fp W + D -> int8 in one pass
             CB, SCB = kernels.merge_quantize(module.weight.detach(), A, B, scale, backend=backend)
-            _set_submodule(unet, name, quant.int8_linear(CB, SCB, module.bias))
+            set_submodule(unet, name, quant.int8_linear(CB, SCB, module.bias))
         elif mode == "requant" and isinstance(module, quant.int8_linear_class()):
             CB, SCB = kernels.remerge_int8(*quant.int8_state(module), A, B, scale, backend=backend)
             quant.set_int8_state(module, CB, SCB)
         else:  # convolutions (and any other float module) stay full precision
-            _fuse_full_precision(module, A, B, scale)
+            lora.add_delta_(module, A, B, scale)
     quant.quantize_linears(unet)  # the linears the preset does not touch
     return unet
 

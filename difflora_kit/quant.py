@@ -68,6 +68,13 @@ class Int8Linear(bnb.nn.Linear8bitLt):
         return FrozenInt8Matmul.apply(x, self.state.CB, self.state.SCB, bias)
 
 
+def quantize_weight(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' row-wise int8 quantization of a weight (out, in), from its fp16 cast, where it is:
+    CB int8 (out, in), SCB fp32 (out,)."""
+    CB, SCB, _ = bnb.functional.int8_vectorwise_quant(W.detach().half())
+    return CB, SCB
+
+
 def quantize_linears(module: nn.Module) -> nn.Module:
     """Replace every nn.Linear inside `module` by an Int8Linear on the same device, in place.
 
@@ -77,7 +84,7 @@ def quantize_linears(module: nn.Module) -> nn.Module:
         for attr, layer in list(child.named_children()):
             if type(layer) is nn.Linear:
                 with torch.no_grad():
-                    CB, SCB, _ = bnb.functional.int8_vectorwise_quant(layer.weight.detach().half())  # (out, in), (out,)
+                    CB, SCB = quantize_weight(layer.weight)  # (out, in), (out,)
                 setattr(child, attr, int8_linear(CB, SCB, layer.bias))
     module.is_loaded_in_8bit = True  # peft then wraps these layers with its 8-bit LoRA layer
     return module

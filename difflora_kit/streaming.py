@@ -273,11 +273,6 @@ def empty_denoiser(cls, folder: Path, dtype: torch.dtype) -> nn.Module:
         torch.set_default_dtype(default)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
 def _check_keys(steps: list[LoadStep], shards: Shards, folder: Path) -> None:
     wanted = {s.key(a) for s in steps for a, p in s.tensors() if s.in_checkpoint(a, p)}
     missing = sorted(wanted - set(shards.files))
@@ -298,10 +293,10 @@ def load_denoiser(base: str | Path | Base, device: str | torch.device = "cpu", d
     from_pretrained in `dtype` followed by preset.apply_preset(preset, strength, mode, eight_bit, backend)
     (or quant.quantize_linears without a preset, when `eight_bit`), without ever holding the whole
     denoiser in `dtype`. `dtype` None: the family's (fp32 for the toy, else devices.compute_dtype)."""
-    import bitsandbytes as bnb
     import diffusers
 
     from . import kernels, quant
+    from .preset import set_submodule
 
     check_mode(mode, eight_bit)
     base = backends.resolve_base(base)
@@ -340,14 +335,14 @@ def load_denoiser(base: str | Path | Base, device: str | torch.device = "cpu", d
                         A, B = (t.to(device) for t in modules[step.name])
                         CB, SCB = kernels.merge_quantize(W, A, B, strength * preset.scaling(step.name), backend=backend)
                     else:
-                        CB, SCB, _ = bnb.functional.int8_vectorwise_quant(W.half())  # as quant.quantize_linears
+                        CB, SCB = quant.quantize_weight(W)  # as quant.quantize_linears
                         if step.kind == "int8+requant":
                             W = None  # freed before the re-merge
                             A, B = (t.to(device) for t in modules[step.name])
                             CB, SCB = kernels.remerge_int8(CB, SCB, A, B, strength * preset.scaling(step.name),
                                                            backend=backend)
                     W = None
-                    _set_submodule(model, step.name, quant.int8_linear(CB, SCB, bias))
+                    set_submodule(model, step.name, quant.int8_linear(CB, SCB, bias))
                     continue
                 for attr, is_param in step.tensors():
                     old = m._parameters[attr] if is_param else m._buffers[attr]
@@ -360,8 +355,7 @@ def load_denoiser(base: str | Path | Base, device: str | torch.device = "cpu", d
                     else:
                         m._buffers[attr] = value
                 if step.kind == "fp+fuse":  # as preset.apply_preset / lora.fuse_into: W += (s B @ A) in W's dtype
-                    A, B = (t.to(device) for t in modules[step.name])
-                    m.weight += lora.delta_weight(A, B, strength * preset.scaling(step.name)).to(m.weight.dtype)
+                    lora.add_delta_(m, *modules[step.name], strength * preset.scaling(step.name))
     finally:
         shards.close()
     model.register_to_config(_name_or_path=folder)

@@ -111,11 +111,17 @@ def sidecar(rows: list[dict], per_axis: int, seed: int, spread: IncidentalSpread
             "means": means}
 
 
-def read_pairs(metadata: Path) -> list[dict]:
-    """Rows of a pairs metadata file, with image paths made absolute."""
+def check_metadata(metadata: Path) -> Path:
+    """The path of a pairs metadata file, or a clear error when there is none."""
     metadata = Path(metadata)
     if not metadata.is_file():
         raise FileNotFoundError(f"pairs metadata {metadata} does not exist; make one with `difflora make-pairs`")
+    return metadata
+
+
+def read_pairs(metadata: Path) -> list[dict]:
+    """Rows of a pairs metadata file, with image paths made absolute."""
+    metadata = check_metadata(metadata)
     rows = []
     for n, line in enumerate(metadata.read_text().splitlines(), 1):
         if not line.strip():
