@@ -30,7 +30,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import SampleConfig, TrainConfig
+from .config import SOLVERS, SampleConfig, TrainConfig
 
 
 class UserError(Exception):
@@ -140,7 +140,7 @@ def _sample_cfg(args, base=None) -> SampleConfig:
     from . import backends
 
     given = (("steps", args.sample_steps), ("guidance", args.guidance), ("rescale", args.rescale),
-             ("lora_off_first", args.lora_off_first))
+             ("lora_off_first", args.lora_off_first), ("solver", args.solver))
     try:
         start = backends.resolve_base(base if base is not None else getattr(args, "base", "toy"),
                                       configs_only=True).family.sample_config()
@@ -150,7 +150,9 @@ def _sample_cfg(args, base=None) -> SampleConfig:
 
 
 def _add_sample_flags(p):
-    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: toy 20, SD 30)")
+    p.add_argument("--sample-steps", type=int, default=None, help="solver steps (default: the family's, e.g. toy 20, SD 30)")
+    p.add_argument("--solver", choices=SOLVERS, default=None,
+                   help="sampler of the toy and SD families: ddim, dpmpp (DPM-Solver++ 2M), unipc (default: the family's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: toy 2.0, SD 1.x 7.5, SDXL 5.0)")
     p.add_argument("--rescale", type=float, default=None, help="guidance rescale (default: toy 0.7, SD 0)")
     p.add_argument("--lora-off-first", type=float, default=None,
@@ -197,7 +199,8 @@ def cmd_sample(args) -> None:
     base = backends.resolve_base(args.base)
     the_lora = pair.load_lora(args.lora, base) if args.lora else None
     preset = pair.load_lora(args.preset_lora, base) if args.preset_lora else None
-    backend = pair.prepare_base(base, _train_cfg_from(eight_bit=args.eight_bit, preset_mode=args.preset_mode), preset)
+    backend = pair.prepare_base(base, _train_cfg_from(eight_bit=args.eight_bit, preset_mode=args.preset_mode), preset,
+                                encode=pair.Encodes(prompts=tuple(prompts)))
     images = sample.sweep(backend, the_lora, prompts, args.seeds, args.scales, _sample_cfg(args, base))  # (P, S, K, H, W, 3)
     P, S, K = images.shape[:3]
     grid = images.transpose(2, 0, 1, 3, 4, 5).reshape(K, P * S, *images.shape[3:])  # rows: scales

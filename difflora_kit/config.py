@@ -82,12 +82,16 @@ class TrainConfig:
         return self.alpha / self.rank
 
 
+SOLVERS = ("ddim", "dpmpp", "unipc")
+"""SampleConfig.solver's choices (diffusion.sampling_scheduler builds them)."""
+
+
 @dataclasses.dataclass
 class SampleConfig:
-    """Settings of sampling (DDIM with classifier-free guidance)."""
+    """Settings of sampling (a solver with classifier-free guidance)."""
 
     steps: int = 20
-    """DDIM steps (trailing spacing)."""
+    """Solver steps (trailing spacing)."""
     guidance: float = 2.0
     """Classifier-free guidance scale (1 = off)."""
     rescale: float = 0.7
@@ -95,8 +99,13 @@ class SampleConfig:
     lora_off_first: float = 0.0
     """Start-noise gate (Concept Sliders): the fraction of the first, noisiest steps sampled without
     the LoRA, so the composition is set by the base alone. 0 = the LoRA acts at every step."""
+    solver: str = "ddim"
+    """The sampler of the UNet families (toy, SD 1.x, SDXL): ddim, dpmpp (DPM-Solver++ 2M) or unipc
+    (UniPC, order 2). FLUX and Z-Image sample with their flow Euler loop and take ddim only."""
 
     def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}: one of {', '.join(SOLVERS)}")
         if self.steps <= 0:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if not 0.0 <= self.lora_off_first <= 1.0:

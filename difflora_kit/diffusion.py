@@ -14,7 +14,8 @@ al. 2024), integer t in [0, T) mapped to a shifted noise level sigma in (0, 1]:
     x_t = (1 - sigma) x0 + sigma eps ;  target = eps - x0     (the velocity the model predicts)
 The clean-image estimate from a model output inverts this (predicted_x0; the health report uses it).
 Sampling: classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023,
-"Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16), then a DDIM step.
+"Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16), then a solver step: DDIM,
+DPM-Solver++ 2M (Lu et al. 2022) or UniPC (Zhao et al. 2023), built from the training schedule.
 Flow-matching bases sample with an Euler loop on the flow instead (euler_flow, on flow_sampling_sigmas).
 """
 
@@ -23,7 +24,8 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                       UniPCMultistepScheduler)
 
 
 def is_flow(scheduler) -> bool:
@@ -113,6 +115,26 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: floa
     return out
 
 
+def sampling_scheduler(train: DDPMScheduler, solver: str = "ddim", **ddim_options):
+    """The sampler of `solver` (config.SOLVERS) on the training schedule, trailing timesteps (they
+    start at t = T - 1: pure noise on a zero-terminal-SNR schedule). `ddim_options` go to DDIM only."""
+    if solver == "ddim":
+        return DDIMScheduler.from_config(train.config, timestep_spacing="trailing", **ddim_options)
+    if solver == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(train.config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       timestep_spacing="trailing", final_sigmas_type="zero")
+    if solver == "unipc":
+        return UniPCMultistepScheduler.from_config(train.config, solver_order=2, timestep_spacing="trailing")
+    raise ValueError(f"unknown solver {solver!r}: ddim, dpmpp or unipc")
+
+
+def check_flow_solver(solver: str, family: str) -> None:
+    """Flow families sample with euler_flow: `solver` must be the default."""
+    if solver != "ddim":
+        raise ValueError(f"{family} samples with its flow-matching Euler loop; solver {solver!r} is for the "
+                         "toy, SD 1.x and SDXL (leave --solver at ddim)")
+
+
 def start_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """One noise image per seed, independent of batch composition: (len(seeds), *shape)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -141,7 +163,7 @@ def euler_flow(velocity, x: torch.Tensor, sigmas: torch.Tensor, on_step=None) ->
 @torch.no_grad()
 def denoise(
     denoiser,
-    scheduler: DDIMScheduler,
+    scheduler,
     noise: torch.Tensor,
     cond: torch.Tensor,
     uncond: torch.Tensor,
@@ -150,7 +172,8 @@ def denoise(
     rescale: float = 0.7,
     on_step=None,
 ) -> torch.Tensor:
-    """DDIM from pure noise. noise: (B, C, H, W); cond/uncond: (B, T, D) text states.
+    """The scheduler's solver (diffusion.sampling_scheduler) from pure noise. noise: (B, C, H, W);
+    cond/uncond: (B, T, D) text states.
 
     `denoiser(x, t, states)` returns the model output for a batch; with guidance != 1 the
     conditional and unconditional halves run as one batch of 2B. `on_step(i)` is called before

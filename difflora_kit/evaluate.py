@@ -19,6 +19,7 @@ import numpy as np
 from . import average, sample
 from .config import SampleConfig, TrainConfig
 from .lora import LoraFile
+from .backends.registry import TOY
 from .pair import prepare_base
 from .toy import judge, world
 
@@ -35,7 +36,8 @@ class EvalConfig:
     """Seeds per prompt in the sweeps."""
     strengths: tuple[float, ...] = (-1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
     """Strengths s of base + s * LoRA 2 (0 must be among them)."""
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=TOY.sample_config)
+    """The toy's sampling defaults (its registry row: UniPC, 10 steps)."""
 
     def __post_init__(self):
         if 0.0 not in self.strengths:
@@ -47,9 +49,10 @@ def other_prompts(n: int, exclude: str = "") -> list[world.Scene]:
 
 
 def reproduction(backend, lora: LoraFile | None, prompt: str, target: np.ndarray, seeds: list[int],
-                 cfg: SampleConfig) -> dict:
-    """How well base (+ LoRA) draws `target` from `prompt`, over seeds."""
-    images = sample.sweep(backend, lora, [prompt], seeds, [1.0], cfg)[0, :, 0]  # (S, H, W, 3)
+                 cfg: SampleConfig, base_images: sample.BaseImages | None = None) -> dict:
+    """How well base (+ LoRA) draws `target` from `prompt`, over seeds (the base's own images from
+    `base_images` when the LoRA is None and it is given)."""
+    images = sample.sweep(backend, lora, [prompt], seeds, [1.0], cfg, base_images=base_images)[0, :, 0]  # (S, H, W, 3)
     want = judge.read(target)
     readings = judge.read_batch(images)
     return {
@@ -60,9 +63,12 @@ def reproduction(backend, lora: LoraFile | None, prompt: str, target: np.ndarray
 
 
 def strength_effect(backend, lora: LoraFile, scenes: list[world.Scene], seeds: list[int],
-                    strengths: tuple[float, ...], axis: str, cfg: SampleConfig) -> dict:
-    """Judge readings of base + s * LoRA over prompts x seeds x strengths, summarised per s."""
-    images = sample.sweep(backend, lora, [s.caption for s in scenes], seeds, list(strengths), cfg)  # (P, S, K, ...)
+                    strengths: tuple[float, ...], axis: str, cfg: SampleConfig,
+                    base_images: sample.BaseImages | None = None) -> dict:
+    """Judge readings of base + s * LoRA over prompts x seeds x strengths, summarised per s (the
+    s = 0 images from `base_images` when given: shared by every LoRA measured on that backend)."""
+    images = sample.sweep(backend, lora, [s.caption for s in scenes], seeds, list(strengths), cfg,
+                          base_images=base_images)  # (P, S, K, ...)
     P, S, K = images.shape[:3]
     readings = [[[judge.read(images[p, s, k]) for k in range(K)] for s in range(S)] for p in range(P)]
     zero = list(strengths).index(0.0)
@@ -98,7 +104,8 @@ def measure_claims(pair, image1: np.ndarray, image2: np.ndarray, prompt: str, ax
     """All five claims for one trained pair (+ its control and more LoRA 2s of the same axis)."""
     seeds = list(range(100, 100 + cfg.seeds))
     plain = prepare_base(base, train_cfg)  # the 8-bit base that LoRA 2 is used on
-    c1_base = reproduction(plain, None, prompt, image1, seeds, cfg.sample)
+    plain_images = sample.BaseImages(plain)  # s = 0 of every sweep below: sampled once
+    c1_base = reproduction(plain, None, prompt, image1, seeds, cfg.sample, plain_images)
     c1_lora = reproduction(plain, pair.lora1, prompt, image1, seeds, cfg.sample)
     preset = prepare_base(base, train_cfg, pair.lora1)  # [base + LoRA 1] fused, 8-bit
     c2_preset = reproduction(preset, None, prompt, image2, seeds, cfg.sample)
@@ -106,14 +113,15 @@ def measure_claims(pair, image1: np.ndarray, image2: np.ndarray, prompt: str, ax
 
     scenes = other_prompts(cfg.prompts, exclude=prompt)
     sweep_seeds = list(range(200, 200 + cfg.sweep_seeds))
-    c3 = strength_effect(plain, pair.lora2, scenes, sweep_seeds, cfg.strengths, axis, cfg.sample)
-    c5 = strength_effect(plain, control, scenes, sweep_seeds, cfg.strengths, axis, cfg.sample)
+    c3 = strength_effect(plain, pair.lora2, scenes, sweep_seeds, cfg.strengths, axis, cfg.sample, plain_images)
+    c5 = strength_effect(plain, control, scenes, sweep_seeds, cfg.strengths, axis, cfg.sample, plain_images)
 
     singles = [pair.lora2, *extra_lora2s]
     at = (0.0, 1.0)
-    single_effects = [c3] + [strength_effect(plain, l2, scenes, sweep_seeds, at, axis, cfg.sample) for l2 in extra_lora2s]
+    single_effects = [c3] + [strength_effect(plain, l2, scenes, sweep_seeds, at, axis, cfg.sample, plain_images)
+                             for l2 in extra_lora2s]
     averaged = average.exact_average(singles)
-    c4_avg = strength_effect(plain, averaged, scenes, sweep_seeds, at, axis, cfg.sample)
+    c4_avg = strength_effect(plain, averaged, scenes, sweep_seeds, at, axis, cfg.sample, plain_images)
     return {
         "axis": axis,
         "claim1": {"base": _strip(c1_base), "base+lora1": _strip(c1_lora)},

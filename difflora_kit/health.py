@@ -102,12 +102,24 @@ class HealthConfig:
 
 
 def other_prompts(backend, own: str, n: int) -> list[str]:
-    """Up to n prompts other than `own`: the toy's held-out captions, or GENERIC_PROMPTS."""
+    """Up to n prompts other than `own`: the toy's held-out captions, or GENERIC_PROMPTS (`backend`: a
+    backend or a backends.Base: only its family is read)."""
     if backend.family.toy_world:
         from .evaluate import other_prompts as held_out  # the toy's held-out captions, as the claims use them
 
         return [scene.caption for scene in held_out(n, exclude=own)]
     return [c for c in GENERIC_PROMPTS if c != own][:n]
+
+
+def report_encodes(base, prompt: str, image2: np.ndarray, cfg: HealthConfig = HealthConfig()):
+    """What the report on the plain base encodes (pair.prepare_base's `encode`, so the encoders leave the
+    GPU before the denoiser arrives): image 2, its prompt and the other prompts (they depend on the
+    family alone: `base` is a backends.Base or a backend)."""
+    from . import backends
+    from .pair import Encodes
+
+    base = backends.resolve_base(base) if isinstance(base, (str, Path)) else base
+    return Encodes((image2,), (prompt, *other_prompts(base, prompt, cfg.prompts)))
 
 
 def _chunks(n: int, size: int):

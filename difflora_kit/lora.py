@@ -163,12 +163,14 @@ def save(path: Path, lora: LoraFile) -> None:
 
 
 def save_kohya(path: Path, lora: LoraFile) -> None:
-    """Write `lora` in kohya keys (kohya.to_kohya: for ComfyUI and AUTOMATIC1111), atomically."""
+    """Write `lora` in kohya keys (kohya.to_kohya: for ComfyUI and AUTOMATIC1111; a FLUX LoRA in BFL's
+    names, as sd-scripts and ComfyUI write it), atomically."""
     modules = lora.modules()
+    if file_prefix(lora) != PREFIX and not kohya.is_flux(modules):  # a transformer kohya has no names for here
+        raise NotImplementedError(f"kohya keys are for UNet LoRAs (toy, SD 1.x, SDXL) and FLUX transformers: this "
+                                  f"LoRA's denoiser is another {file_prefix(lora)!r}; "
+                                  "kohya export is not for its family yet")
     tensors, header = kohya.to_kohya(modules, {n: lora.scaling(n) for n in modules}, lora.meta)
-    if file_prefix(lora) != PREFIX:  # a transformer's LoRA that kohya's UNet names would mis-key
-        raise NotImplementedError(f"kohya keys are for UNet LoRAs (toy, SD 1.x, SDXL): this LoRA's denoiser is a "
-                                  f"{file_prefix(lora)!r}; kohya export is not for its family yet")
     with atomic_file(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=header)
 
@@ -192,7 +194,7 @@ def load(path: Path, module_names=None) -> LoraFile:
         names = module_names()
         try:
             return LoraFile(*kohya.from_kohya(tensors, names, header))
-        except ValueError as e:  # kohya modules that are not this base's, or no UNet keys at all
+        except ValueError as e:  # kohya modules that are not this base's, or no UNet / FLUX keys at all
             raise LoraMismatchError(str(e)) from e
     meta = {k[len("difflora.") :]: v for k, v in header.items() if k.startswith("difflora.")}
     other = _other_prefix(tensors)

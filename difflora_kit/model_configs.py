@@ -1,7 +1,8 @@
 """Public denoiser configs of real base models, for building them with random weights (no download).
 
-Taken from the `unet/config.json` of the public checkpoints (fields equal to diffusers' defaults
-left out); the parameter counts are the published ones: SD 1.5 859.5M, SDXL base 2567.5M.
+Taken from the `unet/config.json` (FLUX: `transformer/`, `text_encoder_2/`, `vae/`) of the public
+checkpoints (fields equal to diffusers' or transformers' defaults left out); the parameter counts are
+the published ones: SD 1.5 859.5M, SDXL base 2567.5M, FLUX.1-dev 11.90B (T5-XXL encoder 4.76B).
 Used by the memory benchmark and the memory plan (through the families' rows in
 backends/registry.py: `registry.public_config(name)`); the real-model backends load real weights.
 """
@@ -33,6 +34,21 @@ SD_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpD
               block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
 SDXL_VAE = dict(SD_VAE, force_upcast=True)  # SDXL's VAE overflows in fp16
 TEXT_TOKENS = 77
+
+# FLUX.1-dev (black-forest-labs/FLUX.1-dev): 19 double-stream and 38 single-stream blocks of width
+# 24 heads x 128 = 3072; the latent packed 2x2 into 64-channel tokens (patch_size 1); T5 states of
+# width 4096 and CLIP-L's pooled 768; the distilled guidance embedding (dev; schnell has none).
+FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,  # google/t5-v1_1-xxl's encoder
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+              layer_norm_epsilon=1e-6, tie_word_embeddings=False)
+FLUX_VAE = dict(SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
+                scaling_factor=0.3611, shift_factor=0.1159, force_upcast=True)  # 16 channels, still 8x smaller
+FLUX_TEXT_TOKENS = 512  # FluxPipeline's max_sequence_length: T5's states the transformer attends to
 LATENT_CHANNELS, VAE_SCALE = 4, 8  # the SD VAE: 8x smaller, 4 channels
 
 

@@ -26,16 +26,44 @@ from .devices import compute_dtype
 from .train import TrainResult, train_lora
 
 
+@dataclasses.dataclass(frozen=True)
+class Encodes:
+    """What the encoders and the VAE encode before the denoiser arrives (prepare_base); the empty prompt
+    (guidance's negative) always is. Anything else is encoded on use, its encoder back on the device."""
+
+    images: tuple[np.ndarray, ...] = ()
+    """Images [H, W, 3] in [0, 1] the backend will encode: a stage's training image, image 2 of a report."""
+    prompts: tuple[str, ...] = ()
+    """Prompts it will encode: the training prompt, the prompts it will sample or report with."""
+
+
 def prepare_base(base: str | Path | Base, cfg: TrainConfig, preset: lora.LoraFile | None = None,
-                 device: str | None = None):
+                 device: str | None = None, encode: Encodes = Encodes()):
     """Load a fresh base (on `device`: backends.default_device() when None). Its denoiser is streamed
     layer by layer (difflora_kit.streaming): each linear gets the preset LoRA (if any) the way
     cfg.preset_mode says and is quantized to 8-bit (if cfg.eight_bit) as it arrives, so the full
-    precision denoiser is never held whole."""
+    precision denoiser is never held whole.
+
+    A latent family encodes first: its encoders and VAE load on the device around a denoiser of shapes
+    alone (streaming.meta_denoiser), encode `encode` and the empty prompt into the backend's caches, move
+    to the CPU, and only then is the denoiser streamed in: it never arrives beside them (an encoder used
+    later comes back to the device, the VAE to decode). The toy (pixel space, a tiny encoder) loads as
+    it is; `encode` is not needed there."""
     base = backends.resolve_base(base)
     device = device or backends.default_device()
-    denoiser = streaming.load_denoiser(base, device, None, preset, cfg.preset_scale, cfg.preset_mode, cfg.eight_bit)
-    return backends.load_backend(base, device, denoiser=denoiser)
+
+    def stream():
+        return streaming.load_denoiser(base, device, None, preset, cfg.preset_scale, cfg.preset_mode, cfg.eight_bit)
+
+    if base.family.pixel_space:
+        return backends.load_backend(base, device, denoiser=stream())
+    shapes = streaming.meta_denoiser(base, device)
+    if preset is not None:
+        lora.check_fits(shapes, preset)  # a LoRA of another base fails before anything loads
+    backend = backends.load_backend(base, device, denoiser=shapes)  # the encoders and the VAE, on the device
+    backend.encode_first(encode.images, (*encode.prompts, ""))  # cached; then they go to the CPU
+    backend.attach_denoiser(stream())
+    return backend
 
 
 def load_lora(path: Path, base: str | Path | Base = "toy") -> lora.LoraFile:
@@ -54,7 +82,7 @@ def train_stage(image: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Pa
     plan_args = {"base": base, "resolution": image.shape[0], "cfg": cfg,
                  "dtype": DTYPE_NAMES[compute_dtype("cuda" if torch.cuda.is_available() else "cpu")]}
     with explain_out_of_memory(plan_args):  # a GPU out of memory: what to lower, with the plan's figures
-        backend = prepare_base(base, cfg, preset)
+        backend = prepare_base(base, cfg, preset, encode=Encodes((image,), (prompt,)))
         plan_args["dtype"] = DTYPE_NAMES.get(backend.unet.dtype, "fp32")
         return _train(backend, image, prompt, cfg, base, preset, progress, checkpoint, resume)
 

@@ -88,7 +88,8 @@ def train_stage_to_file(out: Path, image: Path | np.ndarray, prompt: str, cfg: T
     preset = preset if preset is None or isinstance(preset, lora.LoraFile) else load_lora(preset, base)
     ckpt = checkpoint_path(out)
     result = train_stage(image, prompt, cfg, base, preset, progress, checkpoint=ckpt, resume=resume)
-    figures = health_report(prepare_base(base, cfg), result.lora, prompt, image) if report_path else None
+    figures = (health_report(prepare_base(base, cfg, encode=health.report_encodes(base, prompt, image)), result.lora,
+                             prompt, image) if report_path else None)
     finish(out, result.lora, ckpt)
     if figures is not None:
         health.save(report_path, figures)
@@ -142,7 +143,8 @@ def train_pair_to_folder(out: Path, image1: Path | np.ndarray, image2: Path | np
         finish(paths[0], lora1, checkpoint_path(paths[0]))
     step2 = train_stage(image2, prompt, cfg, base, lora1, progress, checkpoint=checkpoint_path(paths[1]), resume=resume)
     step2.lora.meta["image1_digest"] = lora1.meta.get("image_digest", "")
-    figures = health_report(prepare_base(base, cfg), step2.lora, prompt, image2) if report_path else None
+    figures = (health_report(prepare_base(base, cfg, encode=health.report_encodes(base, prompt, image2)), step2.lora,
+                             prompt, image2) if report_path else None)
     finish(paths[1], step2.lora, checkpoint_path(paths[1]))
     if figures is not None:
         health.save(report_path, figures)

@@ -1,13 +1,13 @@
-"""Predicted peak GPU memory of step 1 and step 2, by component, before anything is loaded.
+"""Predicted peak GPU memory of every phase of a stage, by component, before anything is loaded.
 
-    difflora plan --base sdxl --resolution 1024 --batch 1 [--gradient-checkpointing]
+    difflora plan --base flux --resolution 1024 --batch 1 [--gradient-checkpointing]
 
 Everything comes from the model's configs, on PyTorch's meta device (shapes only: no weights, no
-compute, a few seconds even for SDXL):
+compute, a few seconds even for FLUX):
 
     denoiser weights    8-bit linears: out*in bytes + 4 a row (the scale); the rest in the compute dtype
-    encoders            text encoder(s) and VAE in the compute dtype; 0 during the steps when offloaded
-                        (the kit moves them to the CPU once latents and text states are cached)
+    encoders            each text encoder and the VAE in the compute dtype (the VAE in fp32 under fp16 when
+                        its config says force_upcast); on the GPU only while they encode, unless kept there
     LoRA                fp32 parameters (4 B), their gradients (4 B), AdamW's two moments (8 B)
     activations         what the forward pass keeps for the backward pass: the real denoiser class with
                         the real peft LoRA, run on meta tensors of the training shapes; every tensor
@@ -17,24 +17,40 @@ compute, a few seconds even for SDXL):
                         With gradient checkpointing: what is saved outside the checkpointed blocks, the
                         inputs they keep for the recompute, and the largest block's own saved tensors.
     backward workspace  twice the largest saved tensor (its gradient and one temporary): an estimate
+    no-grad workspace   what a forward pass without gradients holds at once (encoding a prompt, the VAE
+                        encoding or decoding one image, a sampling batch): the real class run on meta
+                        tensors, every tensor counted from the op that makes it until its last reference
+                        goes (_LiveBytes); on a sampling batch, each 8-bit linear's CUDA temporaries on top
 
-A step's peak is the sum of its components. Before the steps come two phases: loading streams the
-denoiser layer by layer (difflora_kit.streaming: each linear merged with the preset and quantized as
-it arrives, so the 8-bit model plus its largest layer in flight; the plan walks the same layers as
-the loader) beside the encoders, and caching the latent holds the encoders and the VAE's temporaries (three times its largest activation). The prediction is of
-torch.cuda.max_memory_allocated (the CUDA context, ~0.3-0.5 GiB more in nvidia-smi, is not in it);
-bench/gpu_memory.py measures the same on a GPU and prints both.
+A phase's peak is the sum of its components (of those that run one after another, the largest). The
+phases of a stage, in the order they run (encode first: pair.prepare_base):
+
+    encoding   the text encoders and the VAE encode the prompt and the image, before the denoiser
+               arrives: encoders + VAE + the largest of (each prompt's encoding, the image's encoding)
+    loading    the denoiser streamed in (difflora_kit.streaming: each linear merged with the preset and
+               quantized as it arrives; the plan walks the same layers as the loader): the 8-bit model
+               plus its largest layer in flight; the encoders are on the CPU by then
+    step 1, 2  a training step: weights, LoRA, optimizer, activations, backward workspace
+    sampling   the 8-bit denoiser + LoRA 2 on a batch of SAMPLE_ROWS rows without gradients, then the
+               VAE (back on the GPU) decoding one image; the prompts' states are cached
+With offload_encoders False (`--keep-encoders`) the encoders stay on the GPU in every phase.
+The prediction is of torch.cuda.max_memory_allocated (the CUDA context, ~0.3-0.5 GiB more in
+nvidia-smi, is not in it); bench/gpu_memory.py measures a training step on a GPU and prints both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from . import lora, model_configs, streaming
 from .backends import registry
@@ -67,8 +83,8 @@ class ModelShapes:
 
 
 def describe(base) -> ModelShapes:
-    """`base`: a public config name (a family key whose row has public configs: sd15, sdxl), 'toy', a
-    model folder or a hub id (its configs only are fetched), or a resolved backends.Base."""
+    """`base`: a public config name (a family key whose row has public configs: sd15, sdxl, flux, zimage),
+    'toy', a model folder or a hub id (its configs only are fetched), or a resolved backends.Base."""
     from . import backends
 
     public = registry.public_config(str(base)) if not isinstance(base, backends.Base) else None
@@ -108,20 +124,14 @@ def _meta_denoiser(shapes: ModelShapes, dtype: torch.dtype):
     return _on_meta(getattr(diffusers, shapes.family.denoiser_class), shapes.unet, dtype)
 
 
-def _encoder_params(shapes: ModelShapes) -> tuple[int, int]:
-    """(text encoders' parameters, the VAE's parameters), from their configs."""
+def _meta_text_encoder(class_name: str, config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A transformers text encoder of `config` on the meta device (CLIPTextModel, T5EncoderModel, Qwen3Model...)."""
     import transformers
-    from diffusers import AutoencoderKL
 
-    text = vae = 0
+    cls = getattr(transformers, class_name)
+    fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype", "dtype")}
     with torch.device("meta"):
-        for class_name, config in shapes.text_encoders:
-            cls = getattr(transformers, class_name)  # CLIPTextModel, T5EncoderModel, Qwen3Model...
-            fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype", "dtype")}
-            text += sum(p.numel() for p in cls(cls.config_class(**fields)).parameters())
-    if shapes.vae is not None:
-        vae = sum(p.numel() for p in _on_meta(AutoencoderKL, shapes.vae).parameters())
-    return text, vae
+        return cls(cls.config_class(**fields)).to(dtype).eval()
 
 
 def vae_dtype(shapes: ModelShapes, dtype: torch.dtype) -> torch.dtype:
@@ -131,29 +141,39 @@ def vae_dtype(shapes: ModelShapes, dtype: torch.dtype) -> torch.dtype:
 
 
 def vae_encode_workspace(shapes: ModelShapes, resolution: int, dtype: torch.dtype) -> int:
-    """Temporaries of encoding one training image with the VAE (no gradients): three times its
-    largest activation (a layer's input, its output and one temporary). 0 in pixel space."""
+    """What the VAE holds at once while encoding one training image without gradients (the image, its
+    activations, the posterior: no_grad_peak). 0 in pixel space."""
     from diffusers import AutoencoderKL
 
     if shapes.vae is None:
         return 0
-    largest = [0]
-
-    def record(module, args, out):
-        if isinstance(out, torch.Tensor):
-            largest[0] = max(largest[0], out.numel() * out.element_size())
-
     vae = _on_meta(AutoencoderKL, shapes.vae, dtype)
-    for m in vae.encoder.modules():
-        if not list(m.children()):
-            m.register_forward_hook(record)
-    with torch.no_grad():
-        vae.encoder(torch.empty(1, 3, resolution, resolution, device="meta", dtype=dtype))
-    return 3 * largest[0]
+    x = torch.empty(1, 3, resolution, resolution, device="meta", dtype=dtype)  # (1, 3, H, W)
+    return no_grad_peak(vae, lambda: vae.encode(x).latent_dist.mean, (x,))
+
+
+def vae_decode_workspace(shapes: ModelShapes, resolution: int, dtype: torch.dtype) -> int:
+    """What the VAE holds at once while decoding one latent to a resolution x resolution image. 0 in pixel space."""
+    from diffusers import AutoencoderKL
+
+    if shapes.vae is None:
+        return 0
+    vae = _on_meta(AutoencoderKL, shapes.vae, dtype)
+    side = resolution // shapes.pixels_per_latent
+    z = torch.empty(1, shapes.vae["latent_channels"], side, side, device="meta", dtype=dtype)  # (1, C, h, w)
+    return no_grad_peak(vae, lambda: vae.decode(z).sample, (z,))
+
+
+def text_encode_workspace(encoder: nn.Module, config: dict, tokens: int) -> int:
+    """What a text encoder holds at once while encoding one prompt of `tokens` tokens (its own context
+    length when shorter: CLIP's 77) with every hidden state returned (SDXL and Z-Image read hidden_states[-2])."""
+    n = min(tokens, config.get("max_position_embeddings") or tokens)
+    ids = torch.zeros(1, n, dtype=torch.long, device="meta")  # (1, T)
+    return no_grad_peak(encoder, lambda: encoder(input_ids=ids, output_hidden_states=True), (ids,))
 
 
 def training_inputs(shapes: ModelShapes, resolution: int, batch: int, dtype: torch.dtype) -> tuple[tuple, dict]:
-    """Meta tensors of one training step, as the family's denoiser takes them: (args, kwargs)."""
+    """Meta tensors of one denoiser call of `batch` rows, as the family's denoiser takes them: (args, kwargs)."""
     side = resolution // shapes.pixels_per_latent
     return shapes.backend.plan_inputs(shapes.unet, batch, side, shapes.tokens, dtype)
 
@@ -252,14 +272,106 @@ def measure_activations(unet: nn.Module, inputs: tuple, checkpointing: bool) -> 
     return Activations(saved, 2 * max(outer.largest, recompute[1]))
 
 
+# ----------------------------------------------------------------------------- counting a no-grad pass
+class _LiveBytes(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once while a meta model runs. Every op's output storage
+    counts from the op that makes it until its last reference goes (a weak reference tells), so views
+    count once and freed temporaries stop counting, as PyTorch's eager allocator sees them. Storages in
+    `exclude` (the model's parameters and buffers) never count."""
+
+    def __init__(self, exclude: set[int], inputs=()):
+        super().__init__()
+        self.exclude, self.refs, self.live, self.peak = exclude, {}, 0, 0
+        for t in inputs:
+            self.track(t)
+
+    def _free(self, key: int, nbytes: int, _ref) -> None:
+        self.refs.pop(key, None)
+        self.live -= nbytes
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.exclude or key in self.refs:
+            return
+        n = storage.nbytes()
+        self.refs[key] = weakref.ref(storage, functools.partial(self._free, key, n))
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+    def moment(self, extra: int) -> None:
+        """`extra` bytes alive for a moment beside what is alive now (temporaries the meta run does not make)."""
+        self.peak = max(self.peak, self.live + extra)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def int8_matmul_temporaries(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> int:
+    """Device bytes one 8-bit linear (quant.FrozenInt8Matmul on CUDA: bitsandbytes' int8 path) holds beside
+    its input and output at its worst moment: the input in fp16 (unless it is fp16: 2 rows in), its int8
+    codes (rows in) and row scales (4 rows), the int32 product (4 rows out) and its fp16 dequantized copy
+    before the cast to `dtype` (2 rows out, unless dtype is fp16: then that is the output itself)."""
+    half = dtype == torch.float16
+    return (0 if half else 2 * rows * in_features) + rows * in_features + 4 * rows + 4 * rows * out_features + \
+        (0 if half else 2 * rows * out_features)
+
+
+def no_grad_peak(model: nn.Module, run, inputs=(), eight_bit: bool = False) -> int:
+    """Bytes alive at once at the worst moment of `run()` (a forward of the meta `model`) without
+    gradients: its inputs, activations and outputs, not its parameters. eight_bit: every nn.Linear is an
+    8-bit linear of the kit (int8_matmul_temporaries at each call); attention as fused kernels (the
+    output and its logsumexp, never the N x N matrix)."""
+    exclude = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    mode, hooks = _LiveBytes(exclude, [t for t in inputs if isinstance(t, torch.Tensor)]), []
+
+    def int8_call(module, args, out):
+        rows = args[0].numel() // module.in_features
+        mode.moment(int8_matmul_temporaries(rows, module.in_features, module.out_features, args[0].dtype))
+
+    if eight_bit:
+        hooks = [m.register_forward_hook(int8_call) for name, m in model.named_modules()
+                 if type(m) is nn.Linear and "lora_" not in name]  # the base's linears, not the LoRA's
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    try:
+        torch.nn.functional.scaled_dot_product_attention = _fused_attention
+        with torch.no_grad(), mode:
+            out = run()
+        del out
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+    return mode.peak
+
+
 # ----------------------------------------------------------------------------- the plan
+SAMPLE_ROWS = 2
+"""Denoiser rows of the sampling phase: one image's conditional and unconditional rows under
+classifier-free guidance (or two images of a sweep without it)."""
+
+
 @dataclasses.dataclass
-class StepPlan:
-    components: dict[str, int]  # name -> bytes
+class Phase:
+    """What is on the GPU at a phase's worst moment, by component (bytes)."""
+
+    components: dict[str, int]
+    one_at_a_time: tuple[str, ...] = ()
+    """Components that come one after another (encoding each prompt, then the image): the phase holds
+    the largest of them, beside all the others."""
 
     @property
     def peak(self) -> int:
-        return sum(self.components.values())
+        apart = [v for k, v in self.components.items() if k in self.one_at_a_time]
+        return sum(v for k, v in self.components.items() if k not in self.one_at_a_time) + max(apart, default=0)
+
+    def largest(self) -> tuple[str, int]:
+        """(name, bytes) of its largest component."""
+        return max(self.components.items(), key=lambda kv: kv[1])
 
 
 @dataclasses.dataclass
@@ -269,22 +381,54 @@ class MemoryPlan:
     dtype: str
     cfg: TrainConfig
     offload_encoders: bool
-    load_peak: int
-    """Loading: the denoiser streamed in 8-bit (its largest layer in flight) and the encoders."""
-    encode_peak: int
-    """Caching latents and text states: 8-bit denoiser, encoders, the VAE encoding the image."""
-    step1: StepPlan
-    step2: StepPlan
+    encoding: Phase
+    """The text encoders and the VAE encode the prompt and the image, before the denoiser arrives."""
+    loading: Phase
+    """The denoiser streamed in 8-bit, its largest layer in flight (the encoders on the CPU by then)."""
+    step1: Phase
+    step2: Phase
+    sampling: Phase
+    """The 8-bit denoiser + LoRA 2 on SAMPLE_ROWS rows without gradients, then the VAE decoding one image."""
+
+    @property
+    def phases(self) -> dict[str, Phase]:
+        """Every phase, in the order a stage runs them."""
+        return {"encoding": self.encoding, "loading": self.loading, "step 1": self.step1, "step 2": self.step2,
+                "sampling": self.sampling}
 
     @property
     def peak(self) -> int:
-        return max(self.load_peak, self.encode_peak, self.step1.peak, self.step2.peak)
+        return max(p.peak for p in self.phases.values())
+
+    @property
+    def peak_phases(self) -> list[str]:
+        """The phases at the overall peak (step 1 and step 2 tie in fuse mode: the same model and LoRA)."""
+        return [name for name, phase in self.phases.items() if phase.peak == self.peak]
+
+    @property
+    def peak_phase(self) -> str:
+        """The first phase at the overall peak."""
+        return self.peak_phases[0]
+
+    @property
+    def in_the_way(self) -> tuple[str, str, int]:
+        """(phase, component, bytes): the largest component of the peak phase, what stands in the way."""
+        return (self.peak_phase, *self.phases[self.peak_phase].largest())
+
+    @property
+    def load_peak(self) -> int:
+        return self.loading.peak
+
+    @property
+    def encode_peak(self) -> int:
+        return self.encoding.peak
 
     def settings(self) -> str:
         c = self.cfg
         return (f"--base {self.base} --resolution {self.resolution} --batch {c.batch} --rank {c.rank} "
                 f"--dtype {self.dtype}{' --gradient-checkpointing' if c.gradient_checkpointing else ''}"
-                f"{'' if c.eight_bit else ' --no-eight-bit'} --preset-mode {c.preset_mode}")
+                f"{'' if c.eight_bit else ' --no-eight-bit'} --preset-mode {c.preset_mode}"
+                f"{'' if self.offload_encoders else ' --keep-encoders'}")
 
 
 def weight_bytes(unet: nn.Module, dtype: torch.dtype, eight_bit: bool) -> int:
@@ -314,10 +458,35 @@ def _resolution_step(shapes: ModelShapes) -> int:
     return shapes.pixels_per_latent * shapes.backend.latent_multiple(shapes.unet)
 
 
+def _encoders(shapes: ModelShapes, resolution: int, dtype: torch.dtype) -> tuple[dict[str, int], dict[str, int], str]:
+    """(weights, encoding workspaces, the VAE's component name) of the text encoders and the VAE:
+    {name: bytes} each; a workspace is one prompt's or the image's encoding (one at a time)."""
+    from diffusers import AutoencoderKL
+
+    size = torch.finfo(dtype).bits // 8
+    weights, work = {}, {}
+    for class_name, config in shapes.text_encoders:
+        encoder = _meta_text_encoder(class_name, config, dtype)
+        name = f"text encoder {class_name} ({DTYPE_NAMES[dtype]})"
+        if name in weights:  # two of one class (SDXL's are two classes): number them
+            name = f"{name} #{sum(k.startswith(name) for k in weights) + 1}"
+        weights[name] = sum(p.numel() for p in encoder.parameters()) * size
+        work[f"encoding a prompt: {class_name} (activations)"] = text_encode_workspace(encoder, config, shapes.tokens)
+    vae_name = ""
+    if shapes.vae is not None:
+        vdtype = vae_dtype(shapes, dtype)
+        vae_name = f"VAE ({DTYPE_NAMES[vdtype]})"
+        weights[vae_name] = sum(p.numel() for p in _on_meta(AutoencoderKL, shapes.vae).parameters()) * \
+            (torch.finfo(vdtype).bits // 8)
+        work["VAE encoding the image (activations)"] = vae_encode_workspace(shapes, resolution, vdtype)
+    return weights, work, vae_name
+
+
 def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfig | None = None, dtype: str = "bf16",
                 offload_encoders: bool = True) -> MemoryPlan:
-    """Predicted peak memory (bytes) of loading, step 1 and step 2 for these settings
-    (resolution: training image pixels; None = the size the base was trained at)."""
+    """Predicted peak memory (bytes) of every phase of a stage for these settings: encoding, loading,
+    step 1, step 2, sampling (resolution: training image pixels; None = the size the base was trained at).
+    offload_encoders False: the text encoders and the VAE stay on the GPU throughout."""
     cfg = cfg or TrainConfig()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -327,35 +496,59 @@ def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfi
     if resolution <= 0 or resolution % step:
         raise ValueError(f"resolution must be a positive multiple of {step} for this base, got {resolution} "
                          f"(e.g. {max(step, round(resolution / step) * step)})")
-    torch_dtype, size = DTYPES[dtype], torch.finfo(DTYPES[dtype]).bits // 8
-    text_params, vae_params = _encoder_params(shapes)
-    encoders = text_params * size + vae_params * torch.finfo(vae_dtype(shapes, torch_dtype)).bits // 8
+    torch_dtype = DTYPES[dtype]
+    enc_weights, enc_work, vae_name = _encoders(shapes, resolution, torch_dtype)
+    resident = {"text encoders + VAE": 0 if offload_encoders else sum(enc_weights.values())}
+    weights_name = "denoiser weights (8-bit linears)" if cfg.eight_bit else f"denoiser weights ({dtype})"
+    targets = lora_targets(cfg.targets, shapes.backend.targets_for(shapes.unet))
+
+    encoding = Phase({**enc_weights, **enc_work}, tuple(enc_work))  # the denoiser is not there yet
     steps = {}
     for step, with_preset in ((1, False), (2, cfg.preset_mode == "adapter")):
         if step == 2 and not with_preset:  # fuse / requant: the preset is inside the int8 weights
-            steps[2] = StepPlan(dict(steps[1].components))
+            steps[2] = Phase(dict(steps[1].components))
             break
         unet = _meta_denoiser(shapes, torch_dtype)
         weights = weight_bytes(unet, torch_dtype, cfg.eight_bit)
         if step == 1:  # loading streams the denoiser layer by layer (streaming.load_denoiser): without and with LoRA 1
-            preset = streaming.target_ranks(unet, lora_targets(cfg.targets, shapes.backend.targets_for(shapes.unet)), cfg.rank)
-            load = max(streaming.loading_peak(unet, torch_dtype, cfg.eight_bit, None, "fuse", "cuda").peak,
-                       streaming.loading_peak(unet, torch_dtype, cfg.eight_bit, preset, cfg.preset_mode, "cuda").peak)
-        n_lora = _attach(unet, cfg, with_preset, lora_targets(cfg.targets, shapes.backend.targets_for(shapes.unet)))
+            preset = streaming.target_ranks(unet, targets, cfg.rank)
+            load = max(streaming.loading_peak(unet, torch_dtype, cfg.eight_bit, None, "fuse", "cuda"),
+                       streaming.loading_peak(unet, torch_dtype, cfg.eight_bit, preset, cfg.preset_mode, "cuda"),
+                       key=lambda p: p.peak)
+            loading = Phase({f"{weights_name}, streamed so far": load.peak - load.in_flight,
+                             f"the largest layer in flight ({load.layer})": load.in_flight, **resident})
+        n_lora = _attach(unet, cfg, with_preset, targets)
         n_preset = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n) - n_lora
         acts = measure_activations(unet, training_inputs(shapes, resolution, cfg.batch, torch_dtype),
                                    cfg.gradient_checkpointing)
-        parts = {"denoiser weights (8-bit linears)" if cfg.eight_bit else f"denoiser weights ({dtype})": weights,
-                 "text encoders + VAE": 0 if offload_encoders else encoders,
+        parts = {weights_name: weights, **resident,
                  "LoRA parameters (fp32)": 4 * n_lora, "LoRA gradients (fp32)": 4 * n_lora,
                  "AdamW moments (fp32)": 8 * n_lora}
         if n_preset:
             parts["preset LoRA, frozen adapter (fp32)"] = 4 * n_preset
         parts["activations kept for backward"] = acts.saved
         parts["backward workspace (estimate)"] = acts.workspace
-        steps[step] = StepPlan(parts)
-    encode_peak = weights + encoders + vae_encode_workspace(shapes, resolution, vae_dtype(shapes, torch_dtype))
-    return MemoryPlan(str(base), resolution, dtype, cfg, offload_encoders, load + encoders, encode_peak, steps[1], steps[2])
+        steps[step] = Phase(parts)
+        if step == 1:  # sampling has the same: the base (no preset) and one LoRA (LoRA 2)
+            sampler = unet.eval()
+
+    args, kwargs = training_inputs(shapes, resolution, SAMPLE_ROWS, torch_dtype)
+    denoising = no_grad_peak(sampler, lambda: sampler(*args, **kwargs), [*args, *kwargs.values()], cfg.eight_bit)
+    on_gpu = resident if not offload_encoders else ({vae_name: enc_weights[vae_name]} if vae_name else {})
+    work = {f"denoising {SAMPLE_ROWS} rows (no gradients)": denoising}
+    if vae_name:  # pixel space: the denoiser's output is the image
+        vdtype = vae_dtype(shapes, torch_dtype)
+        work["VAE decoding one image (activations)"] = vae_decode_workspace(shapes, resolution, vdtype)
+    sampling = Phase({weights_name: steps[1].components[weights_name],
+                      "LoRA 2 (fp32)": steps[1].components["LoRA parameters (fp32)"], **on_gpu, **work}, tuple(work))
+    return MemoryPlan(str(base), resolution, dtype, cfg, offload_encoders, encoding, loading, steps[1], steps[2], sampling)
+
+
+PHASE_TITLES = {
+    "encoding": "encoding the prompt and the image, before the denoiser is loaded",
+    "loading": "loading: the denoiser streamed in, its largest layer in flight",
+    "sampling": f"sampling: {SAMPLE_ROWS} rows without gradients, then the VAE decoding one image",
+}
 
 
 def format_plan(plan: MemoryPlan, gpu_gib: float | None = None) -> str:
@@ -366,9 +559,19 @@ def format_plan(plan: MemoryPlan, gpu_gib: float | None = None) -> str:
     for n in names:
         lines.append(f"| {n} | {gib(plan.step1.components.get(n, 0))} | {gib(plan.step2.components.get(n, 0))} |")
     lines.append(f"| **peak of a training step** | **{gib(plan.step1.peak)}** | **{gib(plan.step2.peak)}** |")
-    lines += ["", f"loading (the denoiser streamed in 8-bit, its largest layer in flight, + encoders): {gib(plan.load_peak)} GiB",
-              f"encoding the image and prompt once (8-bit denoiser + encoders + VAE at work): {gib(plan.encode_peak)} GiB",
-              f"predicted peak: {gib(plan.peak)} GiB (torch.cuda.max_memory_allocated; the CUDA context comes on top)"]
+    lines += ["", "| phase (in the order they run) | peak (GiB) | on the GPU (GiB) |", "|---|---|---|"]
+    for name, phase in plan.phases.items():
+        if name in PHASE_TITLES:
+            parts = ", ".join(f"{k} {gib(v)}" for k, v in phase.components.items() if k not in phase.one_at_a_time and v)
+            apart = " or ".join(f"{k} {gib(v)}" for k, v in phase.components.items() if k in phase.one_at_a_time)
+            apart = f"; one at a time: {apart}" if apart else ""
+            lines.append(f"| {PHASE_TITLES[name]} | {gib(phase.peak)} | {parts}{apart} |")
+        else:
+            lines.append(f"| {name}: a training step (above) | {gib(phase.peak)} | |")
+    _, part, size = plan.in_the_way
+    lines += ["", f"predicted peak: {gib(plan.peak)} GiB, in {' and '.join(plan.peak_phases)} "
+              "(torch.cuda.max_memory_allocated; the CUDA context comes on top)",
+              f"what stands in the way: {part}, {gib(size)} of its {gib(plan.peak)} GiB"]
     if gpu_gib is not None:
         fits = plan.peak <= 0.9 * gpu_gib * GiB
         lines.append(f"a {gpu_gib:g} GiB GPU: {'fits' if fits else 'does NOT fit'} (keeping 10% for the allocator)")

@@ -74,8 +74,38 @@ def start_noise_gate(wanted: torch.Tensor, live: torch.Tensor, cfg: SampleConfig
     return on_step
 
 
+class BaseImages:
+    """The base's own images (strength 0, no LoRA) by (prompt, seed, sampler settings), for one backend.
+
+    Strength 0 draws the same image whatever LoRA is swept (its output is multiplied by 0), so
+    sweeps of many LoRAs on the same prompts and seeds share them: give the sweeps one BaseImages
+    and each (prompt, seed) is sampled once. It holds images of `backend` only: a backend whose
+    weights change (another preset) needs a new one."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._images: dict[tuple, np.ndarray] = {}
+        self.sampled = 0
+        """(prompt, seed) images this cache sampled (the rest were reused)."""
+
+    @staticmethod
+    def _key(prompt: str, seed: int, cfg: SampleConfig) -> tuple:
+        return (prompt, int(seed), cfg.steps, float(cfg.guidance), float(cfg.rescale), cfg.solver)
+
+    def get(self, cases: list[tuple[str, int]], cfg: SampleConfig, max_batch: int = 96) -> np.ndarray:
+        """The base's images of `cases`: [N, H, W, 3], sampling only those not cached yet."""
+        missing = list(dict.fromkeys(c for c in cases if self._key(*c, cfg) not in self._images))
+        for start in range(0, len(missing), max_batch):
+            chunk = missing[start : start + max_batch]
+            images = self.backend.generate([p for p, _ in chunk], [seed for _, seed in chunk], cfg.steps, cfg.guidance,
+                                           cfg.rescale, None, cfg.solver)
+            self._images.update({self._key(*c, cfg): im for c, im in zip(chunk, images)})
+            self.sampled += len(chunk)
+        return np.stack([self._images[self._key(*c, cfg)] for c in cases])
+
+
 def sweep(backend, lora: LoraFile | None, prompts: list[str], seeds: list[int], strengths: list[float],
-          cfg: SampleConfig | None = None, max_batch: int = 96) -> np.ndarray:
+          cfg: SampleConfig | None = None, max_batch: int = 96, base_images: BaseImages | None = None) -> np.ndarray:
     """Images for every (prompt, seed, strength): [P, S, K, H, W, 3] in [0, 1].
 
     Strength s applies base + s * LoRA. The start noise depends only on the seed, so every
@@ -84,23 +114,30 @@ def sweep(backend, lora: LoraFile | None, prompts: list[str], seeds: list[int], 
     """
     if not prompts or not seeds or not strengths:
         raise ValueError("a sweep needs at least one prompt, one seed and one strength")
-    out = sweep_cases(backend, lora, [(p, seed) for p in prompts for seed in seeds], strengths, cfg, max_batch)
+    out = sweep_cases(backend, lora, [(p, seed) for p in prompts for seed in seeds], strengths, cfg, max_batch, base_images)
     return out.reshape(len(prompts), len(seeds), len(strengths), *out.shape[2:])
 
 
 def sweep_cases(backend, lora: LoraFile | None, cases: list[tuple[str, int]], strengths: list[float],
-                cfg: SampleConfig | None = None, max_batch: int = 96) -> np.ndarray:
+                cfg: SampleConfig | None = None, max_batch: int = 96, base_images: BaseImages | None = None) -> np.ndarray:
     """Images for every (prompt, seed) case at every strength: [N, K, H, W, 3] in [0, 1] (what `sweep`
-    does for a product of prompts and seeds, for any list of cases: e.g. other seeds for each prompt)."""
+    does for a product of prompts and seeds, for any list of cases: e.g. other seeds for each prompt).
+
+    `base_images`: the strength-0 images (all of them, without a LoRA) come from it, sampled there
+    once for every sweep that shares it; None samples them in the batch like any strength."""
     if not cases or not strengths:
         raise ValueError("a sweep needs at least one (prompt, seed) case and one strength")
+    if base_images is not None and base_images.backend is not backend:
+        raise ValueError("base_images holds another backend's images: make one BaseImages(backend) per backend")
     cfg = cfg or backend.family.sample_config()  # None: the base family's defaults
-    combos = [(prompt, seed, s) for prompt, seed in cases for s in strengths]
-    images = []
+    from_base = (lambda s: lora is None or s == 0.0) if base_images is not None else (lambda s: False)
+    combos = [(prompt, seed, s) for prompt, seed in cases for s in strengths]  # row n * K + k
+    todo = [i for i, c in enumerate(combos) if not from_base(c[2])]
+    out: list[np.ndarray | None] = [None] * len(combos)
     with contextlib.ExitStack() as stack:
-        adapter = stack.enter_context(lora_loaded(backend.unet, lora)) if lora is not None else None
-        for start in range(0, len(combos), max_batch):
-            chunk = combos[start : start + max_batch]
+        adapter = stack.enter_context(lora_loaded(backend.unet, lora)) if lora is not None and todo else None
+        for start in range(0, len(todo), max_batch):
+            chunk = [combos[i] for i in todo[start : start + max_batch]]
             with contextlib.ExitStack() as inner:
                 on_step = None
                 if adapter is not None:
@@ -108,7 +145,12 @@ def sweep_cases(backend, lora: LoraFile | None, cases: list[tuple[str, int]], st
                     live = wanted.clone()  # what the hooks apply at this step
                     inner.enter_context(per_sample_strength(backend.unet, adapter, live))
                     on_step = start_noise_gate(wanted, live, cfg)
-                images.append(backend.generate([prompt for prompt, _, _ in chunk], [seed for _, seed, _ in chunk],
-                                               cfg.steps, cfg.guidance, cfg.rescale, on_step))
-    out = np.concatenate(images)  # (N*K, H, W, 3)
-    return out.reshape(len(cases), len(strengths), *out.shape[1:])
+                images = backend.generate([prompt for prompt, _, _ in chunk], [seed for _, seed, _ in chunk],
+                                          cfg.steps, cfg.guidance, cfg.rescale, on_step, cfg.solver)
+            for i, im in zip(todo[start : start + max_batch], images):
+                out[i] = im
+    reused = [i for i, c in enumerate(combos) if from_base(c[2])]
+    if reused:
+        for i, im in zip(reused, base_images.get([combos[i][:2] for i in reused], cfg, max_batch)):
+            out[i] = im
+    return np.stack(out).reshape(len(cases), len(strengths), *out[0].shape)

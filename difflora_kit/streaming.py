@@ -285,6 +285,22 @@ def _check_keys(steps: list[LoadStep], shards: Shards, folder: Path) -> None:
                       f"skipped, e.g. {', '.join(unexpected[:5])}")
 
 
+def _dtype(base: Base, device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    """`dtype`, or the family's: fp32 for the toy, else devices.compute_dtype(device)."""
+    return dtype or (torch.float32 if base.family.full_precision else compute_dtype(device))
+
+
+def meta_denoiser(base: str | Path | Base, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> nn.Module:
+    """The base's denoiser with no weights (empty_denoiser): what a backend is built around while its
+    encoders encode first (pair.prepare_base), replaced by load_denoiser's (attach_denoiser)."""
+    import diffusers
+
+    base = backends.resolve_base(base)
+    cls = getattr(diffusers, base.family.denoiser_class)
+    return empty_denoiser(cls, base.folder / base.family.denoiser_folder, _dtype(base, torch.device(device), dtype))
+
+
 # ----------------------------------------------------------------------------- the loader
 def load_denoiser(base: str | Path | Base, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   preset: lora.LoraFile | None = None, strength: float = 1.0, mode: str = "fuse",
@@ -302,7 +318,7 @@ def load_denoiser(base: str | Path | Base, device: str | torch.device = "cpu", d
     base = backends.resolve_base(base)
     device = torch.device(device)
     row = base.family
-    dtype = dtype or (torch.float32 if row.full_precision else compute_dtype(device))
+    dtype = _dtype(base, device, dtype)
     folder = base.folder / row.denoiser_folder
     cls = getattr(diffusers, row.denoiser_class)
     model = empty_denoiser(cls, folder, dtype)

@@ -177,6 +177,7 @@ class Averager(_Displayed):
         self.scenes = scenes or evaluate.other_prompts(2)
         self.seeds = [int(s) for s in seeds]
         self.sample_cfg = sample_cfg or backend.family.sample_config()
+        self.base_images = sample.BaseImages(backend)  # s = 0 is the same for every average: sampled once
         self.result: LoraFile | None = None
         self.scores: dict = {}
         self.effect: dict | None = None
@@ -222,12 +223,12 @@ class Averager(_Displayed):
             result = average.exact_average(loras, weights)
             if _is_toy(self.backend):
                 effect = evaluate.strength_effect(self.backend, result, self.scenes, self.seeds, (0.0, 1.0),
-                                                  self.axis, self.sample_cfg)
+                                                  self.axis, self.sample_cfg, self.base_images)
                 images, scores = effect["images"], self._scores(effect)
             else:
                 effect, scores = None, {}
                 images = sample.sweep(self.backend, result, [s.caption for s in self.scenes], self.seeds,
-                                      [0.0, 1.0], self.sample_cfg)
+                                      [0.0, 1.0], self.sample_cfg, base_images=self.base_images)
             self.result, self.effect, self.scores = result, effect, scores
             self.image.value = plots.png_bytes(_sheet(images.reshape(-1, *images.shape[2:]), 0, 1, self.scale))
             self.table.value = self._table(weights)

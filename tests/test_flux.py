@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from difflora_kit import backends, cli, diffusion, kohya, lora, plan, sample
+from difflora_kit import backends, cli, diffusion, lora, sample
 from difflora_kit.config import TrainConfig
 from difflora_kit.backends.flux import image_ids, pack, unpack
 from difflora_kit.pair import prepare_base
@@ -201,20 +201,6 @@ def test_flux_lora_files_have_the_pipelines_transformer_keys_and_load_back(pair_
     lora.save(tmp_path / "avg.safetensors", avg)
     with safe_open(str(tmp_path / "avg.safetensors"), framework="pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys())
-
-
-def test_plan_and_kohya_are_a_clear_error_on_flux(tiny_flux, pair_loras, tmp_path, capsys):
-    with pytest.raises(NotImplementedError, match="not for FLUX yet"):
-        plan.plan_memory(tiny_flux)
-    with pytest.raises(NotImplementedError, match="not for FLUX yet"):
-        lora.save_kohya(tmp_path / "k.safetensors", lora.load(pair_loras[1]))
-    with pytest.raises(NotImplementedError, match="not for FLUX yet"):
-        kohya.from_kohya({}, backends.module_names(tiny_flux))
-    assert cli.main(["plan", "--base", str(tiny_flux)]) == 2
-    assert "not for FLUX yet" in capsys.readouterr().err
-    assert cli.main(["convert", str(pair_loras[1]), "--to", "kohya", "--out", str(tmp_path / "k.safetensors"),
-                     "--base", str(tiny_flux)]) == 2
-    assert "not for FLUX yet" in capsys.readouterr().err
 
 
 def test_targets_set_by_the_user_are_kept_on_flux(tiny_flux):

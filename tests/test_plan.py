@@ -26,7 +26,13 @@ import plan_check  # noqa: E402  (the benchmark's pipeline and measurement)
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("plan")
-    return {family: make_tiny_pipeline(family, root / family) for family in ("sd15", "sdxl")}
+    return {family: make_tiny_pipeline(family, root / family) for family in ("sd15", "sdxl", "flux")}
+
+
+@pytest.fixture(scope="module")
+def flux_plan():
+    """FLUX.1-dev from its public configs, as README.md quotes it (1024 px, batch 1, checkpointing)."""
+    return plan.plan_memory("flux", 1024, TrainConfig(batch=1, gradient_checkpointing=True))
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +40,96 @@ def mid_folder(tmp_path_factory):
     return plan_check.make_mid_pipeline(tmp_path_factory.mktemp("plan_mid") / "mid_sd15")
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
 @pytest.mark.parametrize("eight_bit", [True, False])
 def test_weights_and_lora_are_counted_exactly(tiny_folders, family, eight_bit):
+    from difflora_kit.config import lora_targets
+
     cfg = TrainConfig(eight_bit=eight_bit)
     predicted = plan.plan_memory(tiny_folders[family], None, cfg, "fp32").step1.components
     backend = pair.prepare_base(tiny_folders[family], cfg)  # what training loads: 8-bit linears, the rest fp32
     real = quant.weight_bytes(backend.unet)["total"] + sum(b.numel() * b.element_size() for b in backend.unet.buffers())
     weights = [v for k, v in predicted.items() if k.startswith("denoiser weights")]
     assert weights == [real]
-    n = sum(p.numel() for p in lora.attach(backend.unet, cfg.rank, cfg.alpha, cfg.targets))
+    targets = lora_targets(cfg.targets, backend.default_targets)
+    n = sum(p.numel() for p in lora.attach(backend.unet, cfg.rank, cfg.alpha, targets))
     assert predicted["LoRA parameters (fp32)"] == 4 * n and predicted["AdamW moments (fp32)"] == 8 * n
+
+
+def test_flux_is_planned_from_its_public_configs(flux_plan):
+    """FLUX.1-dev's transformer (11.90 B parameters) and T5-XXL encoder (4.76 B), built from the public
+    configs on the meta device; 8-bit linears ~ 1 byte a parameter; T5 in bf16 its 8.9 GiB."""
+    shapes = plan.describe("flux")
+    transformer = sum(p.numel() for p in plan._meta_denoiser(shapes, torch.bfloat16).parameters())
+    assert abs(transformer / 11.9e9 - 1) < 0.02, transformer
+    t5 = [config for name, config in shapes.text_encoders if name == "T5EncoderModel"]
+    assert len(t5) == 1 and shapes.tokens == 512
+    assert abs(sum(p.numel() for p in plan._meta_text_encoder("T5EncoderModel", t5[0]).parameters()) / 4.76e9 - 1) < 0.02
+    assert 10.5 < flux_plan.step2.components["denoiser weights (8-bit linears)"] / plan.GiB < 11.5
+    assert flux_plan.encoding.components["text encoder T5EncoderModel (bf16)"] == pytest.approx(4.76e9 * 2, rel=0.02)
+    assert flux_plan.step2.components["activations kept for backward"] > 0 and flux_plan.sampling.peak > 0
+
+
+def test_every_phase_is_planned_and_the_peak_is_the_largest(flux_plan, tiny_folders):
+    """Encode first: the encoding phase holds no denoiser, loading and training no encoders (on the CPU
+    by then), sampling the 8-bit denoiser, LoRA 2 and the VAE back for decoding; the peak is the
+    largest phase and the printed plan names its largest component."""
+    for p in (flux_plan, plan.plan_memory(tiny_folders["sdxl"], None, TrainConfig(), "fp32")):
+        assert list(p.phases) == ["encoding", "loading", "step 1", "step 2", "sampling"]
+        assert not [k for k in p.encoding.components if "denoiser" in k]
+        assert [k for k in p.encoding.components if k.startswith("text encoder")]
+        assert "VAE encoding the image (activations)" in p.encoding.components
+        encoders = [k for k in p.encoding.components if k.startswith(("text encoder", "VAE ("))]
+        for name in ("loading", "step 1", "step 2"):
+            assert not set(encoders) & set(p.phases[name].components)
+            assert p.phases[name].components.get("text encoders + VAE", 0) == 0
+        assert [k for k in p.loading.components if k.startswith("the largest layer in flight")]
+        sampling = p.sampling.components
+        assert sampling["denoiser weights (8-bit linears)"] == p.step1.components["denoiser weights (8-bit linears)"]
+        assert "VAE decoding one image (activations)" in sampling and [k for k in sampling if k.startswith("VAE (")]
+        assert not [k for k in sampling if k.startswith("text encoder")]
+        assert p.peak == max(phase.peak for phase in p.phases.values()) == p.phases[p.peak_phase].peak
+        # one-at-a-time components: the phase holds the largest of them
+        enc = p.encoding
+        apart = [enc.components[k] for k in enc.one_at_a_time]
+        assert enc.peak == sum(enc.components.values()) - sum(apart) + max(apart)
+        phase, part, size = p.in_the_way
+        assert size == max(p.phases[phase].components.values())
+        text = plan.format_plan(p)
+        assert f"what stands in the way: {part}" in text and f"predicted peak: {p.peak / plan.GiB:.2f} GiB, in {phase}" in text
+
+
+def test_kept_encoders_are_in_every_phase(tiny_folders):
+    kept = plan.plan_memory(tiny_folders["sdxl"], None, TrainConfig(), "fp32", offload_encoders=False)
+    off = plan.plan_memory(tiny_folders["sdxl"], None, TrainConfig(), "fp32")
+    encoders = sum(v for k, v in off.encoding.components.items() if k.startswith(("text encoder", "VAE (")))
+    assert encoders > 0 and kept.encoding.peak == off.encoding.peak
+    for name in ("loading", "step 1", "step 2"):
+        assert kept.phases[name].peak == off.phases[name].peak + encoders
+    vae = next(v for k, v in off.sampling.components.items() if k.startswith("VAE ("))
+    assert kept.sampling.peak == off.sampling.peak + encoders - vae  # offloaded, only the VAE came back
+
+
+def test_the_no_grad_count_follows_each_tensor_until_its_last_reference():
+    x = torch.empty(1000, device="meta")  # 4000 bytes, alive throughout
+    model = torch.nn.Identity()
+
+    def run():
+        a = x * 2  # + 4000
+        b = a * 2  # + 4000: 12000, the peak
+        del a
+        view = b[:10]  # a view of b: nothing new
+        c = b + 1  # + 4000: 12000 again
+        del b, c
+        return view  # b's storage lives on in its view
+
+    assert plan.no_grad_peak(model, run, (x,)) == 12000
+    linear = torch.nn.Linear(64, 32)
+    y = torch.empty(5, 64, device="meta", dtype=torch.bfloat16)
+    plain = plan.no_grad_peak(linear.to("meta", torch.bfloat16), lambda: linear(y), (y,))
+    assert plain == (5 * 64 + 5 * 32) * 2  # input + output; the weight is not counted
+    eight = plan.no_grad_peak(linear, lambda: linear(y), (y,), eight_bit=True)
+    assert eight == plain + plan.int8_matmul_temporaries(5, 64, 32, torch.bfloat16)
 
 
 def test_adapter_mode_counts_the_frozen_preset(tiny_folders):

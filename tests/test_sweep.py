@@ -1,4 +1,5 @@
-"""Strength sweeps: the start-noise gate (LoRA off for the first, noisiest sampling steps)."""
+"""Strength sweeps: the start-noise gate (LoRA off for the first, noisiest sampling steps), the base's
+images shared by sweeps (sample.BaseImages), the sampling defaults."""
 
 import numpy as np
 import pytest
@@ -36,6 +37,26 @@ def test_the_gate_turns_the_lora_off_for_the_first_steps_only(plain, tiny_pair_l
     assert 1e-5 < np.abs(half - base).mean() and 1e-5 < np.abs(half - on).mean()  # in between: neither
 
 
+def test_shared_base_images_are_the_strength_0_images_sampled_once_for_every_lora(plain, tiny_pair_loras):
+    cfg = SampleConfig(steps=6)
+    first, second = tiny_pair_loras[0].lora2, tiny_pair_loras[0].lora1  # two LoRAs swept on one base
+    alone = sample.sweep(plain, first, PROMPTS, [0, 1], [0.0, 2.0], cfg)  # (P, S, K, H, W, 3): no sharing
+    shared = sample.BaseImages(plain)
+    with_first = sample.sweep(plain, first, PROMPTS, [0, 1], [0.0, 2.0], cfg, base_images=shared)
+    with_second = sample.sweep(plain, second, PROMPTS, [0, 1], [0.0, 2.0], cfg, base_images=shared)
+    assert shared.sampled == len(PROMPTS) * 2  # each (prompt, seed) once, for both LoRAs
+    np.testing.assert_allclose(with_first, alone, atol=2e-5)  # s = 0 from the cache, s = 2 as before
+    np.testing.assert_array_equal(with_first[:, :, 0], with_second[:, :, 0])  # one base image, whatever the LoRA
+    assert np.abs(with_first[:, :, 1] - with_second[:, :, 1]).mean() > 1e-4  # the s = 2 images do differ
+    base = sample.sweep(plain, None, PROMPTS, [0, 1], [1.0], cfg, base_images=shared)  # no LoRA: all reused
+    assert shared.sampled == len(PROMPTS) * 2
+    np.testing.assert_array_equal(base[:, :, 0], with_first[:, :, 0])
+    sample.sweep(plain, first, PROMPTS, [0, 1], [0.0], SampleConfig(steps=5), base_images=shared)  # other settings
+    assert shared.sampled == len(PROMPTS) * 4
+    with pytest.raises(ValueError, match="another backend"):
+        sample.sweep(prepare_base("toy", TrainConfig()), first, PROMPTS, [0], [0.0], cfg, base_images=shared)
+
+
 def test_a_gate_outside_0_1_is_refused(capsys, tmp_path):
     with pytest.raises(ValueError, match="lora_off_first"):
         SampleConfig(lora_off_first=1.5)
@@ -54,10 +75,10 @@ def test_sampling_defaults_follow_the_base_family(tmp_path):
     from difflora_kit.config import SampleConfig
     from difflora_kit.tiny_models import make_tiny_pipeline
 
-    assert sample_defaults("difflora-toy") == SampleConfig()
+    assert sample_defaults("difflora-toy") == SampleConfig(steps=10, solver="unipc")  # bench/results/solver_eval.md
     assert (sample_defaults("sd15").guidance, sample_defaults("sdxl").guidance) == (7.5, 5.0)
     folder = make_tiny_pipeline("sdxl", tmp_path / "sdxl")
-    flags = dict(sample_steps=None, guidance=None, rescale=None, lora_off_first=0.25)
+    flags = dict(sample_steps=None, guidance=None, rescale=None, lora_off_first=0.25, solver=None)
     cfg = cli._sample_cfg(argparse.Namespace(base=str(folder), **flags))
     assert (cfg.guidance, cfg.rescale, cfg.lora_off_first) == (5.0, 0.0, 0.25)
     assert cli._sample_cfg(argparse.Namespace(base="toy", **{**flags, "guidance": 3.0})).guidance == 3.0

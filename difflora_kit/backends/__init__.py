@@ -154,7 +154,8 @@ def check_device(device: str, where: str = "--device") -> str:
 
 def load_backend(base: str | Path | Base = "toy", device: str | None = None, denoiser=None) -> Backend:
     """A fresh, full-precision backend for `base` (each call reloads: training modifies the denoiser),
-    on `device` (default: default_device()); `denoiser`: one already built instead."""
+    on `device` (default: default_device()); `denoiser`: one already built instead (streamed, or shapes
+    only to encode first: streaming.meta_denoiser, then LatentBackend.attach_denoiser; pair.prepare_base)."""
     base = resolve_base(base)
     with quiet_loading():  # no "Loading weights" bars: a pair loads the base three times
         return base.family.backend_class().load(base.folder, device or default_device(), denoiser=denoiser)

@@ -5,11 +5,11 @@ sampling, the health report) needs to know about a base model, and nothing else.
     states  = backend.encode_prompts(prompts)      # (N, T, D): one tensor, whatever the family packs in it
     x0      = backend.encode_images(images)        # [N, H, W, 3] in [0, 1] -> latents (N, C, h, w)
     out     = backend.denoiser(x_t, t, states)     # the training target's prediction (epsilon, v or velocity)
-    images  = backend.generate(prompts, seeds, steps, guidance, rescale, on_step)
+    images  = backend.generate(prompts, seeds, steps, guidance, rescale, on_step, solver)
 
 The optional parts are declared here with their defaults, so callers never probe a backend:
 `default_targets` (None: config.DEFAULT_TARGETS), `lora_prefix` (from the row) and
-`offload_encoders()` (a no-op unless the family has encoders to move off the GPU).
+`offload_encoders()` and `encode_first()` (no-ops unless the family has encoders to move off the GPU).
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class Backend(abc.ABC):
 
     def offload_encoders(self) -> None:
         """Move what only encodes (text encoders, VAE) off the GPU while the denoiser trains. Default: nothing."""
+
+    def encode_first(self, images=(), prompts=()) -> None:
+        """Encode `images` and `prompts` ahead of use into the caches, then offload_encoders. Default:
+        nothing (the toy encodes on use: its encoder is tiny and it has no VAE)."""
 
     @classmethod
     @abc.abstractmethod
@@ -102,5 +106,6 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, rescale: float = 0.0,
-                 on_step=None) -> np.ndarray:
-        """One image per (prompt, seed): [N, H, W, 3] in [0, 1]; `on_step(i)` before each model call."""
+                 on_step=None, solver: str = "ddim") -> np.ndarray:
+        """One image per (prompt, seed): [N, H, W, 3] in [0, 1]; `on_step(i)` before each model call;
+        `solver`: config.SOLVERS (the flow families refuse all but ddim, their Euler loop's stand-in)."""

@@ -91,9 +91,29 @@ class FluxBackend(LatentBackend):
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
         return cls(registry.FLUX, transformer.eval(), vae, encoders, tokenizers, scheduler, name=folder.name).to(device)
 
+    # ---- the denoiser's class, for the memory plan -------------------------------------------------
     @classmethod
     def targets_for(cls, config: dict) -> tuple[str, ...]:
         return flux_targets(config["num_single_layers"])
+
+    @classmethod
+    def latent_multiple(cls, config: dict) -> int:
+        return 2  # `pack`: 2x2 latent patches per token
+
+    @classmethod
+    def plan_inputs(cls, config: dict, batch: int, side: int, tokens: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+        """The transformer's call in `velocity` on meta tensors: a side x side latent packed into
+        (side/2)^2 tokens of in_channels (64 = 16 x 2 x 2), `tokens` T5 states and CLIP's pooled output."""
+        meta = dict(device="meta", dtype=dtype)
+        n = (side // 2) ** 2
+        guidance = torch.empty(batch, device="meta", dtype=torch.float32)  # dev's distilled guidance value
+        extra = {"guidance": guidance} if config.get("guidance_embeds") else {}
+        return (), dict(hidden_states=torch.empty(batch, n, config["in_channels"], **meta),  # (B, h w / 4, 64)
+                        timestep=torch.empty(batch, **meta),
+                        pooled_projections=torch.empty(batch, config["pooled_projection_dim"], **meta),
+                        encoder_hidden_states=torch.empty(batch, tokens, config["joint_attention_dim"], **meta),
+                        txt_ids=torch.empty(tokens, 3, **meta), img_ids=torch.empty(n, 3, **meta),
+                        return_dict=False, **extra)
 
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -148,7 +168,8 @@ class FluxBackend(LatentBackend):
         return diffusion.euler_flow(velocity, x, self.sampling_sigmas(steps, *x.shape[-2:]), on_step)
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 28, guidance: float = 3.5,
-                 rescale: float = 0.0, on_step=None) -> np.ndarray:
+                 rescale: float = 0.0, on_step=None, solver: str = "ddim") -> np.ndarray:
         """One image per (prompt, seed): [N, H, W, 3] in [0, 1]. No classifier-free guidance: `guidance`
         is FLUX.1 dev's distilled guidance (ignored by schnell); `rescale` does not apply."""
+        diffusion.check_flow_solver(solver, self.family.label)
         return self.decode(self.sample_latents(prompts, seeds, steps, guidance, on_step))

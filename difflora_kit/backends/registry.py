@@ -82,7 +82,8 @@ class Family:
 TOY = Family(
     key="difflora-toy", label="the toy model", pipelines=("DiffLoraToyPipeline",), backend="toy:ToyBackend",
     denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
-    sampling=dict(steps=20, guidance=2.0, rescale=0.7),  # tuned on the toy (v-prediction, guidance rescale)
+    sampling=dict(steps=10, guidance=2.0, rescale=0.7, solver="unipc"),  # tuned on the toy; UniPC 10 against
+    # DDIM 20: the demo's claim scores within 0.018, rates within one sample (bench/results/solver_eval.md)
     full_precision=True, pixel_space=True, toy_world=True, kohya=True)
 
 SD15 = Family(
@@ -104,7 +105,11 @@ FLUX = Family(
     key="flux", label="FLUX", pipelines=("FluxPipeline",), backend="flux:FluxBackend",
     denoiser_folder="transformer", denoiser_class="FluxTransformer2DModel", lora_prefix="transformer",
     sampling=dict(steps=28, guidance=3.5, rescale=0.0),  # FluxPipeline's: distilled guidance, no CFG
-    plan=False)
+    text_tokens=model_configs.FLUX_TEXT_TOKENS,  # T5's padded prompt, what the transformer attends to
+    public=PublicConfig(model_configs.FLUX_TRANSFORMER, (("CLIPTextModel", model_configs.CLIP_L),
+                                                         ("T5EncoderModel", model_configs.T5_XXL)),
+                        model_configs.FLUX_VAE, tokens=model_configs.FLUX_TEXT_TOKENS, sample_size=1024),
+    kohya=True)  # BFL's fused layer names (kohya.py)
 
 # Z-Image-Turbo (Tongyi-MAI/Z-Image-Turbo: transformer/, text_encoder/ and vae/ config.json): a 6B
 # single-stream DiT, a Qwen3-4B text encoder (its hidden_states[-2]), FLUX.1's 16-channel VAE.
@@ -144,12 +149,12 @@ def by_pipeline(class_name: str) -> Family | None:
 
 
 def sample_defaults(key: str) -> SampleConfig:
-    """The SampleConfig of the family `key` (the toy's: SampleConfig())."""
+    """The SampleConfig of the family `key` (the toy's: UniPC, 10 steps)."""
     return get(key).sample_config()
 
 
 def public_config(name: str) -> PublicConfig | None:
-    """The public configs of the family `name` ("sd15", "sdxl"), or None when it has none."""
+    """The public configs of the family `name` ("sd15", "sdxl", "flux", "zimage"), or None when it has none."""
     return next((row.public for row in FAMILIES if row.key == name and row.public is not None), None)
 
 

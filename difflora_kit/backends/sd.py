@@ -128,13 +128,11 @@ class StableDiffusionBackend(UNetPlan, LatentBackend):
 
     # ---- sampling -----------------------------------------------------------------------------
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 5.0,
-                 rescale: float = 0.0, on_step=None) -> np.ndarray:
+                 rescale: float = 0.0, on_step=None, solver: str = "ddim") -> np.ndarray:
         """One image per (prompt, seed) pair: [N, H, W, 3] in [0, 1]."""
-        from diffusers import DDIMScheduler
-
         noise = diffusion.start_noise(seeds, self.latent_shape).to(self.device)  # drawn on the CPU
         cond, uncond = self.encode_prompts(prompts), self.encode_prompts([""] * len(prompts))
-        sampler = DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
+        sampler = diffusion.sampling_scheduler(self.scheduler, solver)
         with torch.no_grad():
             latents = diffusion.denoise(self.denoiser, sampler, noise, cond, uncond, steps, guidance, rescale, on_step)
         return self.decode(latents)

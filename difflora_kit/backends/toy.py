@@ -110,11 +110,11 @@ class ToyBackend(UNetPlan, Backend):
 
     # ---- sampling -----------------------------------------------------------------------------
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 2.0,
-                 rescale: float = 0.7, on_step=None) -> np.ndarray:
+                 rescale: float = 0.7, on_step=None, solver: str = "ddim") -> np.ndarray:
         """One image per (prompt, seed) pair: [N, H, W, 3] in [0, 1]."""
         noise = diffusion.start_noise(seeds, self.latent_shape).to(self.device)  # drawn on the CPU: same on any device
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""] * len(prompts))
-        sampler = model.sampling_scheduler(self.scheduler)
+        sampler = model.sampling_scheduler(self.scheduler, solver)
         latents = diffusion.denoise(self.denoiser, sampler, noise, cond, uncond, steps, guidance, rescale, on_step)
         return self.decode(latents)

@@ -150,7 +150,8 @@ class ZImageBackend(LatentBackend):
         return diffusion.euler_flow(velocity, x, sigmas, on_step)
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 8, guidance: float = 0.0,
-                 rescale: float = 0.0, on_step=None) -> np.ndarray:
+                 rescale: float = 0.0, on_step=None, solver: str = "ddim") -> np.ndarray:
         """One image per (prompt, seed): [N, H, W, 3] in [0, 1]. `guidance` is the pipeline's g
         (0 = off); `rescale` does not apply."""
+        diffusion.check_flow_solver(solver, self.family.label)
         return self.decode(self.sample_latents(prompts, seeds, steps, guidance, on_step))

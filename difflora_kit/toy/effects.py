@@ -52,7 +52,7 @@ def low_end_cases(backend, axis: str, prompts: int = 8, seeds: int = 4, candidat
     the first `seeds` seeds at the axis' low end (`low_end=False`: the first `seeds`, whatever they draw)."""
     if axis not in world.AXES:
         raise ValueError(f"unknown style axis {axis!r}; the judge scores {', '.join(world.AXES)}")
-    cfg = cfg or SampleConfig()
+    cfg = cfg or backend.family.sample_config()  # None: the family's defaults, as sample.sweep's
     scenes = other_prompts(prompts)  # the held-out captions
     candidate_seeds = list(range(first_seed, first_seed + candidates))
     images = sample.sweep(backend, None, [s.caption for s in scenes], candidate_seeds, [0.0], cfg)[:, :, 0]  # (P, C, ...)

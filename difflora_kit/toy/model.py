@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import itertools
 
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .. import diffusion
 from . import world
 
 TEXT_DIM = 64
@@ -90,5 +91,6 @@ def training_scheduler() -> DDPMScheduler:
     )
 
 
-def sampling_scheduler(train: DDPMScheduler) -> DDIMScheduler:
-    return DDIMScheduler.from_config(train.config, timestep_spacing="trailing", set_alpha_to_one=False)
+def sampling_scheduler(train: DDPMScheduler, solver: str = "ddim"):
+    """The toy's sampler: diffusion.sampling_scheduler, DDIM's last step to alpha_bar of t = 0 (not 1)."""
+    return diffusion.sampling_scheduler(train, solver, set_alpha_to_one=False)
