@@ -1,6 +1,6 @@
 """Whole commands as a user runs them, this tree against an earlier commit, side by side.
 
-    python bench/command_speed.py --ref 64762f4 [--runs 1] [--commands pair,demo] [--threads 2]
+    python bench/command_speed.py --ref 64762f4 [--commands pair:2,demo:1] [--threads 2]
 
 Each command runs as a fresh process (`python -m difflora_kit.cli ...`: imports, loading, training,
 sampling, writing, all of it), first with the package of `--ref` (a git worktree of that commit
@@ -64,15 +64,15 @@ def run_once(tree: Path, name: str, threads: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", required=True, help="the earlier commit (e.g. the main of the last landing)")
-    ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--commands", default="pair,demo")
+    ap.add_argument("--commands", default="pair:2,demo:1", help="NAME:RUNS, comma-separated")
     ap.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of each command (torch's default here)")
     args = ap.parse_args()
     before, after = reference_tree(args.ref), ROOT
     rows, lines = [], ["| command | before (ref) | now | before / now (pair by pair) |", "|---|---|---|---|"]
-    for name in args.commands.split(","):
+    for item in args.commands.split(","):
+        name, runs = item.split(":") if ":" in item else (item, "1")
         pairs = []
-        for _ in range(args.runs):
+        for _ in range(int(runs)):
             a = run_once(before, name, args.threads)
             b = run_once(after, name, args.threads)
             pairs.append((a, b))
@@ -82,7 +82,7 @@ def main() -> None:
         rows.append(row)
         lines.append(f"| difflora {name} | {statistics.median(row['before']):.1f} s | {statistics.median(row['now']):.1f} s | "
                      f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}) |")
-    lines += ["", f"Whole processes (`python -m difflora_kit.cli`, imports included), {args.runs} run(s) each, interleaved; "
+    lines += ["", f"Whole processes (`python -m difflora_kit.cli`, imports included), runs {args.commands}, interleaved; "
               f"before = commit {args.ref}; OMP/MKL threads {args.threads}."]
     table = "\n".join(lines)
     print(table)
