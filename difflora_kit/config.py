@@ -62,9 +62,22 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the denoiser's blocks in the backward pass instead of keeping their activations:
     less memory (`difflora plan` shows how much), slower steps (each block runs forward twice)."""
+    # ---- block swap (difflora_kit.block_swap)
+    offload_blocks: int = 0
+    """Keep this many of the denoiser's 8-bit blocks in pinned CPU memory, each brought to the GPU
+    (one ahead, asynchronously) for its forward and its rerun in backward: less GPU memory, more
+    host-to-device copies (`difflora plan --offload-blocks N` predicts both). Needs
+    --gradient-checkpointing. 0 = every block stays on the GPU."""
+    # ---- end of block swap
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
+        if int(self.offload_blocks) < 0:
+            raise ValueError(f"offload_blocks must be >= 0 (0 = no block swap), got {self.offload_blocks!r}")
+        if self.offload_blocks and not self.gradient_checkpointing:
+            raise ValueError("offload_blocks needs gradient_checkpointing (--gradient-checkpointing): without it "
+                             "autograd keeps every block's 8-bit weights on the GPU until the backward pass, so "
+                             "swapping blocks out would free nothing")
         if int(self.checkpoint_every) < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every!r}")
         for name in ("rank", "steps", "batch"):

@@ -34,6 +34,9 @@ phases of a stage, in the order they run (encode first: pair.prepare_base):
     sampling   the 8-bit denoiser + LoRA 2 on a batch of SAMPLE_ROWS rows without gradients, then the
                VAE (back on the GPU) decoding one image; the prompts' states are cached
 With offload_encoders False (`--keep-encoders`) the encoders stay on the GPU in every phase.
+With --offload-blocks N (block swap, difflora_kit.block_swap) a training step holds the denoiser less its
+N largest blocks, plus the two largest of them in flight; MemoryPlan.block_swap(n) predicts that and the
+host-to-device bytes of a step for any n (block_swap_table); loading and sampling do not swap.
 The prediction is of torch.cuda.max_memory_allocated (the CUDA context, ~0.3-0.5 GiB more in
 nvidia-smi, is not in it); bench/gpu_memory.py measures a training step on a GPU and prints both.
 """
@@ -52,6 +55,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from . import block_swap as swapping
 from . import lora, model_configs, streaming
 from .backends import registry
 from .backends.registry import Family
@@ -389,6 +393,16 @@ class MemoryPlan:
     step2: Phase
     sampling: Phase
     """The 8-bit denoiser + LoRA 2 on SAMPLE_ROWS rows without gradients, then the VAE decoding one image."""
+    # ---- block swap (difflora_kit.block_swap)
+    blocks: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    """The denoiser's swappable blocks, in the order they run: (name, bytes as weight_bytes counts them)."""
+    whole_steps: tuple[Phase, Phase] | None = dataclasses.field(default=None, repr=False)
+    """Step 1 and step 2 with every block on the GPU (step1, step2 above have cfg.offload_blocks off it)."""
+
+    def block_swap(self, n: int) -> SwapPrediction:
+        """The prediction for n blocks in pinned CPU memory (the n largest, as block_swap.offloaded picks)."""
+        return predict_block_swap(self, n)
+    # ---- end of block swap
 
     @property
     def phases(self) -> dict[str, Phase]:
@@ -428,7 +442,8 @@ class MemoryPlan:
         return (f"--base {self.base} --resolution {self.resolution} --batch {c.batch} --rank {c.rank} "
                 f"--dtype {self.dtype}{' --gradient-checkpointing' if c.gradient_checkpointing else ''}"
                 f"{'' if c.eight_bit else ' --no-eight-bit'} --preset-mode {c.preset_mode}"
-                f"{'' if self.offload_encoders else ' --keep-encoders'}")
+                f"{'' if self.offload_encoders else ' --keep-encoders'}"
+                f"{f' --offload-blocks {c.offload_blocks}' if c.offload_blocks else ''}")
 
 
 def weight_bytes(unet: nn.Module, dtype: torch.dtype, eight_bit: bool) -> int:
@@ -510,7 +525,12 @@ def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfi
             break
         unet = _meta_denoiser(shapes, torch_dtype)
         weights = weight_bytes(unet, torch_dtype, cfg.eight_bit)
-        if step == 1:  # loading streams the denoiser layer by layer (streaming.load_denoiser): without and with LoRA 1
+        if step == 1:  # block swap: the blocks it can keep off the GPU, sized as above
+            try:
+                blocks = [(name, weight_bytes(m, torch_dtype, cfg.eight_bit)) for name, m in swapping.swappable_blocks(unet)]
+            except ValueError:  # a denoiser without repeated blocks: nothing to swap (offload_blocks 0 only)
+                blocks = []
+            # loading streams the denoiser layer by layer (streaming.load_denoiser): without and with LoRA 1
             preset = streaming.target_ranks(unet, targets, cfg.rank)
             load = max(streaming.loading_peak(unet, torch_dtype, cfg.eight_bit, None, "fuse", "cuda"),
                        streaming.loading_peak(unet, torch_dtype, cfg.eight_bit, preset, cfg.preset_mode, "cuda"),
@@ -541,7 +561,93 @@ def plan_memory(base: str | Path, resolution: int | None = None, cfg: TrainConfi
         work["VAE decoding one image (activations)"] = vae_decode_workspace(shapes, resolution, vdtype)
     sampling = Phase({weights_name: steps[1].components[weights_name],
                       "LoRA 2 (fp32)": steps[1].components["LoRA parameters (fp32)"], **on_gpu, **work}, tuple(work))
-    return MemoryPlan(str(base), resolution, dtype, cfg, offload_encoders, encoding, loading, steps[1], steps[2], sampling)
+    whole = (steps[1], steps[2])
+    if cfg.offload_blocks:  # block swap in the training steps only (loading and sampling hold the whole denoiser)
+        sizes = _offloaded_sizes(blocks, cfg.offload_blocks)
+        steps = {k: _swapped(whole[k - 1], weights_name, sizes, len(blocks)) for k in (1, 2)}
+    return MemoryPlan(str(base), resolution, dtype, cfg, offload_encoders, encoding, loading, steps[1], steps[2], sampling,
+                      blocks, whole)
+
+
+# ----------------------------------------------------------------------------- block swap
+# N blocks in pinned CPU memory during training (difflora_kit.block_swap): a training step holds the rest
+# of the denoiser, plus the two largest offloaded blocks in flight (the one running, the one fetched ahead),
+# and copies each offloaded block in for its forward and for its rerun in backward (gradient checkpointing),
+# except those still there at the turns. Predicted, not measured: bench/ has no GPU figure of it yet.
+SWAP_IN_FLIGHT = "offloaded blocks in flight (the one running, the one ahead)"
+
+
+@dataclasses.dataclass
+class SwapPrediction:
+    """What `--offload-blocks n` is predicted to do (bytes)."""
+
+    n: int
+    blocks: list[str]
+    """The offloaded blocks, in the order they run (the n largest)."""
+    offloaded: int
+    """Their bytes, kept in pinned CPU memory during training."""
+    in_flight: int
+    """Device bytes of offloaded blocks at the worst moment: the two largest."""
+    step_peak: int
+    """The larger training step's peak (step 1 or step 2) with them off the GPU."""
+    peak: int
+    """The stage's peak: encoding, loading and sampling do not swap; they hold what they held."""
+    moved: int
+    """Host-to-device bytes of one training step in steady state (block_swap.bytes_per_step)."""
+    first_step: int
+    """The same for the first step (blocks 0 and 1 come in too)."""
+
+
+def _offloaded_sizes(blocks: list[tuple[str, int]], n: int) -> list[int]:
+    sizes = [b for _, b in blocks]
+    return [sizes[i] for i in swapping.choose(sizes, n)]
+
+
+def _swapped(phase: Phase, weights_name: str, sizes: list[int], total_blocks: int) -> Phase:
+    """A training step with the blocks of `sizes` off the GPU: the denoiser's weights less them, plus those in flight."""
+    parts = {}
+    for k, v in phase.components.items():
+        if k == weights_name:
+            k, v = f"{weights_name} on the GPU ({len(sizes)} of {total_blocks} blocks in CPU memory)", v - sum(sizes)
+        parts[k] = v
+        if k.startswith(weights_name):
+            parts[SWAP_IN_FLIGHT] = swapping.in_flight_bytes(sizes)
+    return Phase(parts, phase.one_at_a_time)
+
+
+def predict_block_swap(plan: MemoryPlan, n: int) -> SwapPrediction:
+    """The plan's training steps with the n largest blocks in pinned CPU memory (MemoryPlan.block_swap)."""
+    if not plan.blocks or plan.whole_steps is None:
+        raise ValueError(f"{plan.base}: the plan has no swappable blocks")
+    sizes_all = [b for _, b in plan.blocks]
+    picked = swapping.choose(sizes_all, n)
+    sizes = [sizes_all[i] for i in picked]
+    weights_name = next(k for k in plan.whole_steps[0].components if k.startswith("denoiser weights"))
+    steps = [_swapped(p, weights_name, sizes, len(sizes_all)) if n else p for p in plan.whole_steps]
+    step_peak = max(s.peak for s in steps)
+    peak = max(step_peak, plan.encoding.peak, plan.loading.peak, plan.sampling.peak)
+    moved = swapping.bytes_per_step(sizes)
+    return SwapPrediction(n, [plan.blocks[i][0] for i in picked], sum(sizes), swapping.in_flight_bytes(sizes),
+                          step_peak, peak, moved, moved + sum(sizes[:2]))
+
+
+def block_swap_table(plan_or_base, ns, resolution: int | None = None, cfg: TrainConfig | None = None,
+                     dtype: str = "bf16", offload_encoders: bool = True) -> list[SwapPrediction]:
+    """The prediction for each n of `ns`, from a MemoryPlan or a base (planned with `cfg`, by default batch 1
+    with gradient checkpointing, which block swap needs)."""
+    plan = plan_or_base
+    if not isinstance(plan, MemoryPlan):
+        cfg = cfg or TrainConfig(batch=1, gradient_checkpointing=True)
+        plan = plan_memory(plan_or_base, resolution, dataclasses.replace(cfg, offload_blocks=0), dtype, offload_encoders)
+    return [plan.block_swap(n) for n in ns]
+
+
+def format_block_swap_table(rows: list[SwapPrediction]) -> str:
+    gib, gb = (lambda b: f"{b / GiB:.2f}"), (lambda b: f"{b / 1e9:.2f}")  # noqa: E731
+    lines = ["| --offload-blocks | in CPU memory (GiB) | training step peak (GiB) | stage peak (GiB) | "
+             "host->device per step (GB) |", "|---|---|---|---|---|"]
+    lines += [f"| {r.n} | {gib(r.offloaded)} | {gib(r.step_peak)} | {gib(r.peak)} | {gb(r.moved)} |" for r in rows]
+    return "\n".join(lines)
 
 
 PHASE_TITLES = {
@@ -572,6 +678,13 @@ def format_plan(plan: MemoryPlan, gpu_gib: float | None = None) -> str:
     lines += ["", f"predicted peak: {gib(plan.peak)} GiB, in {' and '.join(plan.peak_phases)} "
               "(torch.cuda.max_memory_allocated; the CUDA context comes on top)",
               f"what stands in the way: {part}, {gib(size)} of its {gib(plan.peak)} GiB"]
+    if plan.cfg.offload_blocks:  # block swap
+        s, whole = plan.block_swap(plan.cfg.offload_blocks), max(p.peak for p in plan.whole_steps)
+        lines.append(f"block swap (--offload-blocks {s.n}): {s.n} of {len(plan.blocks)} blocks ({gib(s.offloaded)} GiB) "
+                     f"in pinned CPU memory, {gib(s.in_flight)} GiB of them in flight: training step "
+                     f"{gib(s.step_peak)} GiB ({gib(whole)} with every block on the GPU), {s.moved / 1e9:.2f} GB "
+                     f"host->device a step (the first {s.first_step / 1e9:.2f}); predicted, not measured. "
+                     "Loading and sampling do not swap.")
     if gpu_gib is not None:
         fits = plan.peak <= 0.9 * gpu_gib * GiB
         lines.append(f"a {gpu_gib:g} GiB GPU: {'fits' if fits else 'does NOT fit'} (keeping 10% for the allocator)")

@@ -10,11 +10,13 @@ A flow-matching base (FLUX) maps t to a shifted sigma instead: x_t = (1 - sigma)
 target eps - x0 (diffusion.noisy_and_target). A family's LoRA targets replace the UNet defaults
 when cfg.targets is left at them and its backend declares `default_targets` (FLUX).
 
-Only the LoRA (A, B) trains; the base stays frozen (in 8-bit by default).
+Only the LoRA (A, B) trains; the base stays frozen (in 8-bit by default). With cfg.offload_blocks, that many
+of the denoiser's blocks wait in pinned CPU memory and come in one by one (difflora_kit.block_swap).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as checkpoints
-from . import diffusion, lora
+from . import block_swap, diffusion, lora
 from .config import TrainConfig, lora_targets
 from .images import image_digest
 
@@ -43,6 +45,26 @@ class TrainResult:
     seconds: float
     step_seconds: list[float] = dataclasses.field(default_factory=list)
     """Wall time of each optimizer step (the first includes one-time set-up)."""
+    block_swap: SwapLog | None = None
+    """With cfg.offload_blocks: which blocks were offloaded and how often each came in, step by step."""
+
+
+@dataclasses.dataclass
+class SwapLog:
+    """What block swap did during a run (difflora_kit.block_swap)."""
+
+    names: list[str]
+    """The offloaded blocks, in the order they run."""
+    sizes: list[int]
+    """Their frozen bytes (what one bring-in copies)."""
+    counts: list[list[int]] = dataclasses.field(default_factory=list)
+    """Per optimizer step: how many times each block was brought in during it."""
+    misses: list[int] = dataclasses.field(default_factory=list)
+    """Per optimizer step: blocks brought in only when needed, not fetched ahead (the GPU waited for them)."""
+
+    @property
+    def bytes_per_step(self) -> list[int]:
+        return [sum(c * s for c, s in zip(step, self.sizes)) for step in self.counts]
 
 
 def stratified_timesteps(batch: int, num_train: int, generator: torch.Generator) -> torch.Tensor:
@@ -74,12 +96,20 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     scheduler = backend.scheduler
     losses, step_seconds, started, first = [], [], time.time(), 0
     # what makes a run the same run: not how often it is checkpointed, nor how memory is saved
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every", "gradient_checkpointing")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("checkpoint_every", "gradient_checkpointing", "offload_blocks")}
     run = checkpoints.fingerprint(cfg=settings, prompt=prompt, image=image_digest(image), meta=meta or {})
     if checkpoint is not None and resume and Path(checkpoint).is_file():
         first, losses = checkpoints.restore(checkpoint, named, optimizer, generator, run)
     warmup = max(1, cfg.steps // 20)
+    swap, swap_log = contextlib.ExitStack(), None
     try:
+        # ---- block swap: cfg.offload_blocks of the denoiser's blocks in host memory while it trains (the
+        # LoRA attached first: the hooks go on the modules as they now are); the denoiser is whole again after
+        if cfg.offload_blocks:
+            swapper = swap.enter_context(block_swap.offloaded(backend.unet, cfg.offload_blocks))
+            swap_log, seen = SwapLog(swapper.names, swapper.sizes), [0] * len(swapper.names)
+        # ---- end of block swap
         for step in tqdm(range(first, cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})",
                          disable=not progress, initial=first, total=cfg.steps):
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU: same on any device
@@ -97,6 +127,10 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            if swap_log is not None:  # block swap: the bring-ins of this step
+                swap_log.counts.append([c - s for c, s in zip(swapper.counts, seen)])
+                swap_log.misses.append(swapper.misses - sum(swap_log.misses))
+                seen = list(swapper.counts)
             if on_step is not None:
                 on_step(step + 1, losses[-1])
             step_seconds.append(time.time() - started - sum(step_seconds))
@@ -104,6 +138,7 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
                     and step + 1 < cfg.steps:
                 checkpoints.save(checkpoint, named, optimizer, step + 1, generator, losses, run)
     finally:  # also after an error: the backend may be reused (a notebook, the OOM advice)
+        swap.close()  # block swap: every block back on the device, the hooks removed
         backend.unet.eval()
         if cfg.gradient_checkpointing:
             backend.unet.disable_gradient_checkpointing()
@@ -112,4 +147,5 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
             "eight_bit": cfg.eight_bit, **(meta or {})}
     if backend.lora_prefix != lora.PREFIX:
         info["denoiser"] = backend.lora_prefix  # e.g. FLUX: written with "transformer." keys (lora.save)
-    return TrainResult(lora.LoraFile(tensors, config, info), losses, time.time() - started, step_seconds)
+    return TrainResult(lora.LoraFile(tensors, config, info), losses, time.time() - started, step_seconds,
+                       swap_log)
