@@ -29,10 +29,9 @@ from common import write_result  # noqa: E402
 
 from difflora_kit import lora  # noqa: E402
 from difflora_kit.config import SampleConfig, TrainConfig  # noqa: E402
-from difflora_kit.demo import DEFAULT_PAIRS  # noqa: E402
+from difflora_kit.demo import DEFAULT_PAIRS, train_for_claims  # noqa: E402
 from difflora_kit.evaluate import EvalConfig, measure_claims  # noqa: E402
 from difflora_kit.images import load_image  # noqa: E402
-from difflora_kit.pair import train_pair, train_stage  # noqa: E402
 from difflora_kit.toy.pairs import read_pairs  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "solver_eval"
@@ -40,16 +39,12 @@ NAMES = ("lora1", "lora2", "control", "extra1", "extra2")
 
 
 def trained_loras(retrain: bool) -> dict[str, lora.LoraFile]:
-    """The demo's LoRAs (detail axis, n_average 3), trained once and cached."""
+    """The demo's LoRAs (demo.train_for_claims: detail axis, n_average 3, default TrainConfig), cached."""
     if not retrain and all((CACHE / f"{n}.safetensors").is_file() for n in NAMES):
         return {n: lora.load(CACHE / f"{n}.safetensors") for n in NAMES}
-    rows = [r for r in read_pairs(DEFAULT_PAIRS) if r.get("axis", "detail") == "detail"][:3]
-    cfg = TrainConfig()
-    images = [(load_image(r["image1"]), load_image(r["image2"])) for r in rows]
-    main = train_pair(*images[0], rows[0]["prompt"], cfg, progress=False)
-    control = train_stage(images[0][1], rows[0]["prompt"], cfg, "toy", None, progress=False).lora
-    extra = [train_pair(*im, r["prompt"], cfg, progress=False).lora2 for im, r in zip(images[1:], rows[1:])]
-    out = {"lora1": main.lora1, "lora2": main.lora2, "control": control, "extra1": extra[0], "extra2": extra[1]}
+    t = train_for_claims(progress=False)
+    out = {"lora1": t["main"].lora1, "lora2": t["main"].lora2, "control": t["control"].lora,
+           "extra1": t["extra"][0].lora2, "extra2": t["extra"][1].lora2}
     CACHE.mkdir(parents=True, exist_ok=True)
     for name, the_lora in out.items():
         lora.save(CACHE / f"{name}.safetensors", the_lora)

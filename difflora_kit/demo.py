@@ -39,19 +39,18 @@ def quick_configs() -> tuple[TrainConfig, EvalConfig]:
                                              sample=SampleConfig(steps=12))
 
 
-def run_claims(pairs: Path | None = None, axis: str = "detail", n_average: int = 3, cfg: TrainConfig | None = None,
-               eval_cfg: EvalConfig | None = None, base="toy", progress: bool = True) -> dict:
-    """Train everything the claims need and measure them; returns LoRAs, losses, timings, claims."""
+def train_for_claims(pairs: Path | None = None, axis: str = "detail", n_average: int = 3,
+                     cfg: TrainConfig | None = None, base="toy", progress: bool = True) -> dict:
+    """What the claims are measured on: the first pair of `axis` (its images, LoRA 1 and LoRA 2), its
+    control (a LoRA on image 2 alone) and the LoRA 2s of the next n_average - 1 pairs."""
     if axis not in world.AXES:
         raise ValueError(f"unknown style axis {axis!r}: the judge scores {', '.join(world.AXES)}")
     rows = [r for r in read_pairs(pairs or DEFAULT_PAIRS) if r.get("axis", axis) == axis]
     if len(rows) < n_average:
         raise ValueError(f"{len(rows)} pairs on axis {axis!r}, {n_average} needed for the average")
     cfg = cfg or TrainConfig()
-    eval_cfg = eval_cfg or EvalConfig()
     first = rows[0]
     image1, image2 = load_image(first["image1"]), load_image(first["image2"])
-
     started = time.time()
     main = train_pair(image1, image2, first["prompt"], cfg, base, progress)
     pair_seconds = time.time() - started
@@ -59,7 +58,20 @@ def run_claims(pairs: Path | None = None, axis: str = "detail", n_average: int =
     control.lora.meta["stage"] = "control"
     extra = [train_pair(load_image(r["image1"]), load_image(r["image2"]), r["prompt"], cfg, base, progress)
              for r in rows[1:n_average]]
-    claims = measure_claims(main, image1, image2, first["prompt"], axis, cfg, control.lora,
+    return {"pair": first, "image1": image1, "image2": image2, "main": main, "control": control, "extra": extra,
+            "pair_seconds": pair_seconds}
+
+
+def run_claims(pairs: Path | None = None, axis: str = "detail", n_average: int = 3, cfg: TrainConfig | None = None,
+               eval_cfg: EvalConfig | None = None, base="toy", progress: bool = True) -> dict:
+    """Train everything the claims need and measure them; returns LoRAs, losses, timings, claims."""
+    cfg = cfg or TrainConfig()
+    eval_cfg = eval_cfg or EvalConfig()
+    started = time.time()
+    trained = train_for_claims(pairs, axis, n_average, cfg, base, progress)
+    first, main, control, extra = trained["pair"], trained["main"], trained["control"], trained["extra"]
+    pair_seconds = trained["pair_seconds"]
+    claims = measure_claims(main, trained["image1"], trained["image2"], first["prompt"], axis, cfg, control.lora,
                             [p.lora2 for p in extra], eval_cfg, base)
     return {
         "pair": first, "main": main, "control": control, "extra": extra, "claims": claims,

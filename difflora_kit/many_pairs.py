@@ -111,8 +111,10 @@ def train_share(rows: list[dict], images: list[tuple], cfg: TrainConfig, base: B
         figures = None
         if report:
             encodes = health.report_encodes(base, row["prompt"], image2)
-            plain = pair.prepare_base(base, cfg, encode=encodes) if plain is None else plain
-            plain.encode_first(encodes.images, encodes.prompts)  # later pairs: theirs, then off the GPU again
+            if plain is None:
+                plain = pair.prepare_base(base, cfg, encode=encodes)
+            else:
+                plain.encode_first(encodes.images, encodes.prompts)  # later pairs: theirs, then off the GPU again
             figures = pair_files.health_report(plain, result.lora2, row["prompt"], image2)  # stamped, then saved
         pair.save_pair(result, folder / f"pair_{i:03d}")
         done[i] = (pair.index_entry(i, row, result), result.lora2)

@@ -130,9 +130,9 @@ def sweep_cases(backend, lora: LoraFile | None, cases: list[tuple[str, int]], st
     if base_images is not None and base_images.backend is not backend:
         raise ValueError("base_images holds another backend's images: make one BaseImages(backend) per backend")
     cfg = cfg or backend.family.sample_config()  # None: the base family's defaults
-    from_base = (lambda s: lora is None or s == 0.0) if base_images is not None else (lambda s: False)
     combos = [(prompt, seed, s) for prompt, seed in cases for s in strengths]  # row n * K + k
-    todo = [i for i, c in enumerate(combos) if not from_base(c[2])]
+    reused = [i for i, c in enumerate(combos) if base_images is not None and (lora is None or c[2] == 0.0)]
+    todo = sorted(set(range(len(combos))) - set(reused))
     out: list[np.ndarray | None] = [None] * len(combos)
     with contextlib.ExitStack() as stack:
         adapter = stack.enter_context(lora_loaded(backend.unet, lora)) if lora is not None and todo else None
@@ -149,7 +149,6 @@ def sweep_cases(backend, lora: LoraFile | None, cases: list[tuple[str, int]], st
                                           cfg.steps, cfg.guidance, cfg.rescale, on_step, cfg.solver)
             for i, im in zip(todo[start : start + max_batch], images):
                 out[i] = im
-    reused = [i for i, c in enumerate(combos) if from_base(c[2])]
     if reused:
         for i, im in zip(reused, base_images.get([combos[i][:2] for i in reused], cfg, max_batch)):
             out[i] = im
