@@ -150,7 +150,7 @@ def _in_flight(step: LoadStep, dtype: torch.dtype, device: torch.device, merge: 
       int8          W (s n) + W.half() (2n unless s = 2) + bitsandbytes' quantizer: on CPU |W| (2n), then
                     W*127/absmax and its round (fp32: 4n + 4n); on CUDA one kernel writing CB (n)
       int8+fuse     W + merge_quantize: torch: an fp32 copy (4n) quantized in place to CB (n);
-                    triton: only rank-padded fp32 A, B (4 r16 (in + out)) and CB
+                    triton: only rank-padded fp32 A, B (4 r16 (in + out), r16 = lora_merge.rank_pad(r)) and CB
       int8+requant  the int8 phase, then (W freed) CB + remerge_int8 (as merge_quantize) + CB'
       fp+fuse       the weight + lora.delta_weight's two fp32 temporaries (B @ A, then times s: 8n)
     The preset's A and B move to the device (4 r (in + out)) on a GPU."""
@@ -166,7 +166,9 @@ def _in_flight(step: LoadStep, dtype: torch.dtype, device: torch.device, merge: 
     bias = 0 if m.bias is None else m.bias.numel() * s
     cb = n + 4 * out
     lora_ab = 0 if cpu or not r else 4 * r * (in_ + out)
-    r16 = max(16, -(-r // 16) * 16)
+    from .kernels.lora_merge import rank_pad  # the kernels' padded rank (a power of two, at least 16)
+
+    r16 = rank_pad(r)
     merge_tmp = 4 * n if merge == "torch" else 4 * r16 * (in_ + out)  # kernels/lora_merge.py: reference vs Triton
     quant = s * n + (0 if s == 2 else 2 * n) + (8 * n if cpu else cb)
     if step.kind == "int8":

@@ -9,7 +9,7 @@ rows, loads its B tile [BLOCK_M, R_PAD] once, and walks `in` in BLOCK_K tiles, r
 delta tile on the fly (the rank is small, the FLOPs are cheap, bandwidth is not):
 
          in ->  k0      k0+BLOCK_K
-        +-------+=======+-------+      A_pad [R_PAD, in] (rank zero-padded to a multiple of 16)
+        +-------+=======+-------+      A_pad [R_PAD, in] (rank zero-padded to a power of 2, >= 16)
         |       | A[:,k]|       |
         +-------+=======+-------+
     +--+ +-------+=======+-------+
@@ -39,10 +39,15 @@ computeCapability < 80"; a maintainer in https://github.com/triton-lang/triton/i
 "may work at times, but we are not implementing or accepting fixes"). Its compiler still has the
 pre-Ampere path (triton/backends/nvidia/compiler.py: no pipelining below sm80, FMA dots), and these
 kernels use nothing else: a float32 tl.dot with input_precision="ieee" is FMA code on every card,
-no tensor cores, no async copies. bf16 is never sent there (ptxas: "Feature 'cvt.bf16.f32'
-requires .target sm_80 or higher"). `difflora doctor` runs the kernels against their references
-on the learner's card; under "auto" a kernel error on a card below sm80 falls back to the reference.
+no tensor cores, no async copies. bf16 is never sent there: sm75 has no bf16 hardware (the kit picks
+fp16 there); Triton 3.9 does build these bf16 kernels for sm75 with integer-emulated conversions (the
+compile matrix), older versions failed in ptxas ("Feature 'cvt.bf16.f32' requires .target sm_80"),
+and none has been run on one. `difflora doctor` runs the kernels against their references
+on the learner's card; under "auto" a kernel error on any card (ptxas refusing it, or Triton unable to
+build its launcher: no C compiler or Python headers) falls back to the reference, with a warning.
+kernels/compile_matrix.py builds every kernel for sm75, sm80, sm86, sm89 and sm90 on any machine.
 """
+import contextlib
 import os
 import warnings
 
@@ -175,16 +180,18 @@ if triton is not None:
 # ----------------------------------------------------------------------------- dispatch
 # Which CUDA cards backend="auto" runs the kernels on (kernels/README.md, "Dispatch", has the sources):
 #   sm80+       every dtype: Triton's supported hardware ("NVIDIA GPUs (Compute Capability 8.0+)")
-#   sm75 (T4)   fp16/fp32 weights and outputs, int8 bases; no bf16 there (ptxas: cvt.bf16.f32 needs
-#               sm_80). Triton dropped Turing from its supported list in 3.3 (triton-lang/triton#5066)
-#               but its compiler keeps the pre-Ampere path (FMA dots, no software pipelining), and
-#               these kernels need nothing more: their fp32 "ieee" tl.dot is FMA code on every card.
-#               Unsupported upstream, so `difflora doctor` checks them on the card, and an error
-#               of a kernel there makes "auto" fall back to the reference (with a warning).
+#   sm75 (T4)   fp16/fp32 weights and outputs, int8 bases; no bf16 there (no bf16 hardware; Triton 3.9
+#               builds it with emulated conversions, older ptxas refused cvt.bf16.f32). Triton dropped
+#               Turing from its supported list in 3.3 (triton-lang/triton#5066) but its compiler
+#               keeps the pre-Ampere path (FMA dots, no software pipelining), and these kernels
+#               need nothing more: their fp32 "ieee" tl.dot is FMA code on every card.
+#               Unsupported upstream, so `difflora doctor` checks them on the card.
 #   older cards, CPU tensors, no Triton, or DIFFLORA_MERGE_KERNELS=torch: the PyTorch reference.
+#   On every card an error of a kernel (a build or launch failure) makes "auto" fall back to the
+#   reference (with a warning); tests/test_kernel_compile.py builds each kernel for each card.
 MIN_CAPABILITY = (7, 5)
 BF16_CAPABILITY = (8, 0)
-SUPPORTED_CAPABILITY = (8, 0)  # Triton's own floor: below it a kernel error falls back under "auto"
+SUPPORTED_CAPABILITY = (8, 0)  # Triton's own floor (sm75 runs on its pre-Ampere path, unsupported upstream)
 ENV_BACKEND = "DIFFLORA_MERGE_KERNELS"  # "torch": backend="auto" always takes the reference
 _FAILED: dict[str, str] = {}  # device -> the kernel error that made "auto" fall back there
 
@@ -199,7 +206,7 @@ def triton_choice(capability, dtypes, triton_available=True):
     if capability < MIN_CAPABILITY:
         return False, f"{sm} is older than sm75 (T4), the oldest card the kernels run on"
     if capability < BF16_CAPABILITY and torch.bfloat16 in dtypes:
-        return False, f"{sm} has no bf16 (it needs sm80+)"
+        return False, f"{sm} has no bf16 (bf16 hardware needs sm80+; the kit uses fp16 there)"
     if capability < SUPPORTED_CAPABILITY:
         return True, (f"{sm}: fp16/fp32 through Triton's pre-Ampere path (not supported upstream: "
                       "`difflora doctor` checks it on this card)")
@@ -242,29 +249,39 @@ def _want_triton(backend, tensor, out_dtype=None):
 
 
 def _run(backend, tensor, out_dtype, kernel, reference):
-    """kernel() or reference(), as `backend` says. Under "auto" on a card below sm80 (not supported
-    by Triton upstream) an error of the kernel falls back to the reference for the rest of the
-    process, with a warning; backend="triton" always raises it."""
+    """kernel() or reference(), as `backend` says. Under "auto" an error of the kernel on any card (a
+    compile or launch failure: ptxas refusing the card, or Triton unable to build its launcher at first
+    use because the machine has no C compiler or no Python headers) falls back to the reference for the
+    rest of the process on that device, with a warning, and is recorded in _FAILED; an out-of-memory
+    error is raised (the reference would need more memory still). backend="triton" always raises."""
     if not _want_triton(backend, tensor, out_dtype):
         return reference()
-    if backend == "triton" or torch.cuda.get_device_capability(tensor.device) >= SUPPORTED_CAPABILITY:
+    if backend == "triton":
         return kernel()
     try:
         return kernel()
     except torch.cuda.OutOfMemoryError:
         raise
-    except Exception as e:  # a compile or launch error on an unsupported card (Triton raises many types)
+    except Exception as e:  # a build or launch error (Triton raises many types: PTXASError, CalledProcessError, ...)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         _FAILED[str(tensor.device)] = f"{type(e).__name__}: {first}"
         warnings.warn(f"the Triton merge kernels failed on {tensor.device} ({_FAILED[str(tensor.device)]}); "
-                      "using the PyTorch reference from now on (same results, slower). "
-                      "Run `difflora doctor` and report its output.", RuntimeWarning, stacklevel=3)
+                      "using the PyTorch reference from now on (same results, slower). If Triton could not "
+                      "build its launcher, install a C compiler and the Python headers (e.g. apt install gcc "
+                      "python3-dev); run `difflora doctor` and report its output.", RuntimeWarning, stacklevel=3)
         return reference()
 
 
+def _on_device(device):
+    """The context a launch runs in: Triton launches on the *current* CUDA device and its stream, not on
+    its tensors' device, so a tensor on cuda:1 needs cuda:1 made current first. Nothing on a CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def rank_pad(r):
-    """Rank padded so tl.dot compiles on a GPU: max(16, next multiple of 16)."""
-    return max(16, -(-r // 16) * 16)
+    """Rank padded so the kernels compile on a GPU: the next power of two, at least 16 (tl.dot needs
+    dims >= 16, tl.arange a power of two: a multiple of 16 such as 48 failed to compile)."""
+    return max(16, 1 << (r - 1).bit_length())
 
 
 def _check(base, A, B):
@@ -286,30 +303,49 @@ def _padded_lora(A, B, device):
 
 
 def _blocks(r_pad, block_m, block_k):
-    """One fixed config (no autotune: it fails on a CPU host); smaller K tiles for big ranks."""
-    return block_m or 32, block_k or (128 if r_pad <= 32 else 64)
+    """(BLOCK_M, BLOCK_K): one fixed config (no autotune: it fails on a CPU host), read off the compile
+    matrix (kernels/compile_matrix.py; kernels/README.md has the table): 32 rows, and K tiles that keep
+    the A tile R_PAD x BLOCK_K at 2048 fp32 (8 KiB): 128 wide at rank pad 16, 64 at 32, 32 at 64, 16
+    from 128 on. Wider tiles at the larger ranks made ptxas spill (e.g. 64-wide at rank pad 64: 7.7 KB
+    per thread on sm80; 32-wide at 128: 1.7 KB on sm90); these spill at most 4 bytes on sm80-sm90."""
+    return block_m or 32, block_k or min(128, max(16, 1 << ((2048 // r_pad).bit_length() - 1)))
 
 
-def _launch_quant(src, scb_in, A, B, scale, block_m, block_k):
+def quant_launch(src, scb_in, A, B, scale, block_m=None, block_k=None):
+    """Everything one _merge_quant_kernel launch needs, built from the inputs, launching nothing:
+    (grid, args, meta, (CB' [M, K] int8, SCB' [M] fp32) outputs, allocated here). src is W (fp) or CB
+    (int8, then scb_in is its SCB [M]). kernels/compile_matrix.py compiles exactly these arguments."""
     M, K = src.shape
     a, b, r_pad = _padded_lora(A, B, src.device)
     bm, bk = _blocks(r_pad, block_m, block_k)
     cb = torch.empty(M, K, dtype=torch.int8, device=src.device)
     scb = torch.empty(M, dtype=torch.float32, device=src.device)
-    _merge_quant_kernel[(triton.cdiv(M, bm),)](
-        src, scb_in if scb_in is not None else scb, a, b, cb, scb, M, K, float(scale),
-        SRC_INT8=scb_in is not None, BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad)
-    return cb, scb
+    args = (src, scb_in if scb_in is not None else scb, a, b, cb, scb, M, K, float(scale))
+    meta = dict(SRC_INT8=scb_in is not None, BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad)
+    return (triton.cdiv(M, bm),), args, meta, (cb, scb)
 
 
-def _launch_dequant(CB, SCB, A, B, scale, out_dtype, block_m, block_k):
+def dequant_launch(CB, SCB, A, B, scale, out_dtype, block_m=None, block_k=None):
+    """Everything one _dequant_merge_kernel launch needs: (grid, args, meta, W' [M, K] in out_dtype)."""
     M, K = CB.shape
     a, b, r_pad = _padded_lora(A, B, CB.device)
     bm, bk = _blocks(r_pad, block_m, block_k)
     out = torch.empty(M, K, dtype=out_dtype, device=CB.device)
-    _dequant_merge_kernel[(triton.cdiv(M, bm),)](
-        CB.contiguous(), SCB.float().contiguous(), a, b, out, M, K, float(scale),
-        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad)
+    args = (CB.contiguous(), SCB.float().contiguous(), a, b, out, M, K, float(scale))
+    return (triton.cdiv(M, bm),), args, dict(BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad), out
+
+
+def _launch_quant(src, scb_in, A, B, scale, block_m, block_k):
+    grid, args, meta, outputs = quant_launch(src, scb_in, A, B, scale, block_m, block_k)
+    with _on_device(src.device):
+        _merge_quant_kernel[grid](*args, **meta)
+    return outputs
+
+
+def _launch_dequant(CB, SCB, A, B, scale, out_dtype, block_m, block_k):
+    grid, args, meta, out = dequant_launch(CB, SCB, A, B, scale, out_dtype, block_m, block_k)
+    with _on_device(CB.device):
+        _dequant_merge_kernel[grid](*args, **meta)
     return out
 
 
