@@ -49,7 +49,7 @@ def reference_weights(lora1: lora.LoraFile, strength: float):
     W = {n: fp.get_submodule(n).weight.detach().float().clone() for n in names}
     q = quant.quantize_linears(fp)
     QW = {n: quant.dequantized_weight(q.get_submodule(n)) for n in names}
-    D = {n: d for n, d in lora.module_deltas(lora1, strength).items() if n in W}
+    D = {n: d.to(W[n].device) for n, d in lora.module_deltas(lora1, strength).items() if n in W}  # LoRA files are CPU tensors
     return W, QW, D
 
 

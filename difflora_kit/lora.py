@@ -136,12 +136,24 @@ def active_presets(unet: nn.Module) -> list[str]:
 
 
 def adapter_state(unet: nn.Module, name: str = "difflora") -> tuple[dict[str, torch.Tensor], dict]:
-    """(diffusers-keyed fp32 tensors, peft config dict) of an attached adapter."""
+    """(diffusers-keyed tensors, peft config dict) of an attached adapter: what its file will hold.
+
+    The tensors are copies in fp32 on the CPU, wherever the denoiser is (a LoraFile is a file's
+    content: a trained LoRA and the same LoRA loaded from disk compare and combine without moving
+    anything). Whoever applies a LoraFile moves A and B to the weight's device (add_delta_,
+    preset.apply_preset, streaming, diffusers' load_lora_adapter). A denoiser built on the meta
+    device (shapes only) gives meta tensors: they have no values to copy."""
     sd = get_peft_model_state_dict(unet, adapter_name=name)
-    tensors = {f"{PREFIX}.{k}": v.detach().float().contiguous().clone() for k, v in sd.items()}
+    tensors = {f"{PREFIX}.{k}": file_tensor(v) for k, v in sd.items()}
     config = unet.peft_config[name].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     return tensors, json.loads(json.dumps(config, default=str))
+
+
+def file_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A LoRA tensor as a file holds it: its own fp32 copy on the CPU (a meta tensor stays meta)."""
+    device = t.device if t.is_meta else torch.device("cpu")
+    return t.detach().to(device=device, dtype=torch.float32, copy=True).contiguous()
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

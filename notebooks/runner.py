@@ -3,6 +3,8 @@
     python notebooks/runner.py --fast                      # all notebooks, CI parameters, a timing table
     python notebooks/runner.py --fast --solutions 03       # one notebook, exercises solved from solutions/
     python notebooks/runner.py --html docs/notebooks       # learner defaults, rendered to HTML (nbconvert)
+    python notebooks/runner.py --fast --solutions --plain 02 03 08 --set "DEVICE='cuda'"   # no Jupyter kernel
+    python notebooks/runner.py --fast --solutions --check 08 --set "DEVICE='cuda'"         # prepare, compile, run nothing
 
 A notebook is run top to bottom with nbclient in the `python3` kernel (the kernel of the Python
 that runs this file: jupyter_client starts `sys.executable -m ipykernel_launcher`). Parameters are
@@ -10,20 +12,30 @@ injected papermill-style: a cell tagged "injected-parameters" goes right after t
 "parameters", so the notebook's own defaults stay visible above the overrides. With `solutions`,
 the solution of each exercise (solutions/NN_solutions.py, one `# %% Exercise N.M` section each)
 is inserted after the exercise cell, so the check cell below it verifies the solution.
+
+`--plain` runs the same prepared cells without Jupyter: in order, in one fresh Python process, one
+shared namespace (`execute_plain`), their output streamed as it comes. For a machine that has the
+kit but no ipykernel/nbclient (the GPU check, bench/gpu_check.sh, needs only nbformat there); rich
+outputs are not shown and widgets have no front end, so it suits notebooks without IPython syntax.
+`--check` prepares each notebook (parameters, solutions) and compiles its code cells, running
+nothing: a parameter the notebook lacks, or a syntax error, shows in a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -158,17 +170,46 @@ def environ(env: dict[str, str]):
         os.environ.update(saved)
 
 
+def prepare(notebook: Path, params: dict | None = None, solutions: bool = False) -> tuple:
+    """(notebook with the parameters and, if `solutions`, each exercise's solution inserted, exercise ids)."""
+    notebook = Path(notebook)
+    nb = nbformat.read(notebook, as_version=4)
+    if params:
+        inject_parameters(nb, params)
+    exercises = inject_solutions(nb, read_solutions(solutions_file(notebook))) if solutions else []
+    return nb, exercises
+
+
+def code_cells(nb, label: str) -> list[tuple[str, str]]:
+    """[(where, source)] of the code cells, `where` naming the notebook and the cell as the committed file
+    counts them from 0 ("02_x.ipynb, cell 16"; an inserted one: "..., injected-solution after cell 20")."""
+    out, index = [], -1
+    for cell in nb.cells:
+        injected = next((t for t in cell.get("metadata", {}).get("tags", []) if t.startswith("injected-")), None)
+        index += injected is None
+        if cell.cell_type == "code":
+            out.append((f"{label}, {injected} after cell {index}" if injected else f"{label}, cell {index}", cell.source))
+    return out
+
+
+def compile_cells(nb, label: str) -> int:
+    """Compile every code cell (a SyntaxError names the cell); the number of code cells."""
+    cells = code_cells(nb, label)
+    for where, source in cells:
+        compile(source, where, "exec")
+    return len(cells)
+
+
 def execute(notebook: Path, params: dict | None = None, solutions: bool = False, cwd: Path | None = None,
             timeout: float = 600, cache: Path = ROOT / ".cache") -> dict:
     """Run one notebook top to bottom. Raises nbclient's CellExecutionError on the first failing cell
     and CellTimeoutError when the whole notebook runs past `timeout` seconds.
 
     Returns {"nb": executed notebook, "seconds": wall time, "exercises": ids whose solution ran}."""
+    from nbclient import NotebookClient  # only here: --plain and --check need no Jupyter
+
     notebook = Path(notebook)
-    nb = nbformat.read(notebook, as_version=4)
-    if params:
-        inject_parameters(nb, params)
-    exercises = inject_solutions(nb, read_solutions(solutions_file(notebook))) if solutions else []
+    nb, exercises = prepare(notebook, params, solutions)
     cwd = Path(cwd or notebook.parent)
     cwd.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -180,6 +221,60 @@ def execute(notebook: Path, params: dict | None = None, solutions: bool = False,
     with environ(kernel_env(cache)):
         client.execute(cwd=str(cwd))
     return {"nb": nb, "seconds": time.monotonic() - started, "exercises": exercises}
+
+
+PLAIN_CHILD = """
+import json, sys
+scope = {"__name__": "__main__"}
+for where, source in json.load(open(sys.argv[1], encoding="utf-8")):
+    exec(compile(source, where, "exec"), scope)
+    if "matplotlib.pyplot" in sys.modules:  # as Jupyter's inline backend: each cell's figures are done with
+        sys.modules["matplotlib.pyplot"].close("all")
+"""
+"""The process `execute_plain` starts: each cell compiled under its name (tracebacks say "cell 16"), run in one namespace."""
+
+
+class PlainRunError(RuntimeError):
+    """A notebook run by `execute_plain` raised (the traceback is in its output) or ran out of time."""
+
+
+def execute_plain(notebook: Path, params: dict | None = None, solutions: bool = False, cwd: Path | None = None,
+                  timeout: float = 600, cache: Path = ROOT / ".cache", echo=print) -> dict:
+    """Run one notebook's prepared code cells in a fresh Python process, no Jupyter kernel: the cells in
+    order, one namespace, matplotlib headless (Agg); `echo` gets each line of output as it comes.
+
+    Returns {"seconds", "exercises", "output"}; raises PlainRunError when a cell raised (the output ends
+    with its traceback) or the notebook ran past `timeout` seconds (the process is killed)."""
+    notebook = Path(notebook)
+    nb, exercises = prepare(notebook, params, solutions)
+    cwd = Path(cwd or notebook.parent)
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**kernel_env(cache), "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cells = Path(tmp) / "cells.json"
+        cells.write_text(json.dumps(code_cells(nb, notebook.name)), encoding="utf-8")
+        started, lines = time.monotonic(), []
+        proc = subprocess.Popen([sys.executable, "-c", PLAIN_CHILD, str(cells)], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                echo(line.rstrip("\n"))
+            code = proc.wait()
+        finally:
+            timer.cancel()
+    seconds, output = time.monotonic() - started, "".join(lines)
+    if code != 0:
+        why = f"ran past {timeout:.0f} s and was stopped" if seconds >= timeout else f"failed (exit {code})"
+        raise PlainRunError(f"{notebook.name} {why}; its output ends:\n" + "".join(lines[-15:]))
+    return {"seconds": seconds, "exercises": exercises, "output": output}
+
+
+def unconfirmed(exercises: list[str], text: str) -> list[str]:
+    """The exercises whose check cell did not print "Exercise N.M: solved" in `text`."""
+    return [ex for ex in exercises if SOLVED.format(ex) not in text]
 
 
 def outputs_text(nb) -> str:
@@ -216,6 +311,9 @@ def main(argv=None) -> int:
     parser.add_argument("--executed", type=Path, help="write each executed notebook (.ipynb, with outputs) into this folder")
     parser.add_argument("--cwd", type=Path, help="working folder of the kernels (default: notebooks/)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per notebook")
+    parser.add_argument("--plain", action="store_true",
+                        help="run the cells in a plain Python process, without Jupyter (see execute_plain)")
+    parser.add_argument("--check", action="store_true", help="prepare each notebook and compile its cells; run nothing")
     args = parser.parse_args(argv)
     import ast
 
@@ -227,6 +325,14 @@ def main(argv=None) -> int:
     if not chosen:
         print("no notebook matches", args.names, file=sys.stderr)
         return 2
+    if args.check:
+        for path in chosen:
+            nb, exercises = prepare(path, params, args.solutions)
+            print(f"{path.name}: {compile_cells(nb, path.name)} code cells compile; parameters {params}; "
+                  f"solutions of {exercises or 'no exercise'} inserted")
+        return 0
+    if args.plain:
+        return run_plain(chosen, params, args)
     rows = []
     for path in chosen:
         print(f"running {path.name} ...", flush=True)
@@ -242,6 +348,26 @@ def main(argv=None) -> int:
         print(f"| {name} | {seconds:.0f} |")
     print(f"| total | {sum(s for _, s in rows):.0f} |")
     return 0
+
+
+def run_plain(chosen: list[Path], params: dict, args) -> int:
+    """--plain: each notebook in turn (a failure does not stop the next one); a table; 1 if any failed."""
+    rows = []
+    for path in chosen:
+        print(f"running {path.name} (plain Python, no Jupyter) ...", flush=True)
+        try:
+            result = execute_plain(path, params, args.solutions, args.cwd, args.timeout,
+                                   echo=lambda line: print("   " + line, flush=True))
+        except PlainRunError as e:
+            print(f"FAILED: {e}", flush=True)
+            rows.append((path.name, None, "FAILED"))
+            continue
+        missing = unconfirmed(result["exercises"], result["output"])
+        rows.append((path.name, result["seconds"], f"exercises {missing} not confirmed" if missing else "ok"))
+    print("\n| notebook | seconds | result |\n|---|---|---|")
+    for name, seconds, outcome in rows:
+        print(f"| {name} | {'-' if seconds is None else f'{seconds:.0f}'} | {outcome} |")
+    return 0 if all(outcome == "ok" for _, _, outcome in rows) else 1
 
 
 if __name__ == "__main__":

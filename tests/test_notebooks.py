@@ -93,6 +93,9 @@ def test_notebook_layout(name):
     params = runner.tagged(nb, "parameters")
     assert len(params) == 1, "exactly one cell tagged 'parameters'"
     assert re.search(r"^FAST = False\b", nb.cells[params[0]].source, re.MULTILINE), "parameters define FAST = False"
+    assert re.search(r'^DEVICE = "auto"', nb.cells[params[0]].source, re.MULTILINE), \
+        'parameters define DEVICE = "auto" (bench/gpu_check.sh and the stand-in CUDA device set DEVICE = "cuda")'
+    assert "DEVICE_VARIABLE" in "".join(c.source for c in code), "DEVICE reaches the kit (DIFFLORA_DEVICE)"
     exercises = [runner.exercise_id(nb.cells[i]) for i in runner.tagged(nb, "exercise")]
     assert None not in exercises, "an exercise cell starts with '# Exercise N.M'"
     solutions = runner.read_solutions(runner.solutions_file(notebook_path(name)))
@@ -132,6 +135,43 @@ def test_parameters_are_injected_after_the_parameters_cell():
     assert nb.cells[at + 1].source.splitlines()[1:] == ["FAST = True", "SEEDS = 1"]
     with pytest.raises(ValueError, match="not defined"):
         runner.inject_parameters(read("01_setup_and_tour"), {"STEPZ": 3})
+
+
+def probe_notebook(folder: Path, cells: list[str]) -> Path:
+    """A notebook NN_probe.ipynb in `folder`: a parameters cell (FAST), then `cells` as code cells."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("FAST = False\nDEVICE = 'auto'", metadata={"tags": ["parameters"]}),
+                *(nbformat.v4.new_code_cell(c) for c in cells)]
+    path = folder / "00_probe.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_plain_mode_runs_the_prepared_cells_in_one_namespace(tmp_path):
+    """--plain (bench/gpu_check.sh on a machine without Jupyter): the injected parameters, then each cell
+    in turn, sharing names; output streamed; the working folder honoured."""
+    path = probe_notebook(tmp_path, ["x = 40 if FAST else 0", "import os\nprint('x + 2 =', x + 2, os.getcwd())"])
+    lines = []
+    result = runner.execute_plain(path, {"FAST": True}, cwd=tmp_path / "work", timeout=120, echo=lines.append)
+    assert lines == [f"x + 2 = 42 {tmp_path / 'work'}"] and result["output"].strip() == lines[0]
+    assert runner.unconfirmed(["1.1"], "Exercise 1.1: solved") == [] and runner.unconfirmed(["1.2"], "") == ["1.2"]
+
+
+def test_plain_mode_names_the_failing_cell_as_the_committed_file_counts_it(tmp_path):
+    path = probe_notebook(tmp_path, ["y = 1", "raise ValueError('boom')"])
+    with pytest.raises(runner.PlainRunError, match=r"(?s)failed \(exit 1\).*00_probe\.ipynb, cell 2.*ValueError: boom"):
+        runner.execute_plain(path, {"FAST": True}, cwd=tmp_path, timeout=120, echo=lambda line: None)
+    slow = probe_notebook(tmp_path, ["import time\ntime.sleep(60)"])
+    with pytest.raises(runner.PlainRunError, match="ran past 3 s"):
+        runner.execute_plain(slow, cwd=tmp_path, timeout=3, echo=lambda line: None)
+
+
+def test_check_mode_prepares_and_compiles_without_running(tmp_path, capsys):
+    """--check: a parameter the notebook lacks fails in a second (notebook 08 once had no DEVICE)."""
+    assert runner.main(["02", "08", "--fast", "--solutions", "--check", "--set", "DEVICE='cuda'"]) == 0
+    assert "08_real_model_on_a_gpu.ipynb: " in capsys.readouterr().out
+    with pytest.raises(ValueError, match="not defined"):
+        runner.main(["08", "--check", "--set", "DEVIZE='cuda'"])
 
 
 @pytest.mark.slow
