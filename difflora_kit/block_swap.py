@@ -20,6 +20,15 @@ convolutions, a frozen preset adapter); the LoRA's A and B train where they are 
 them). A released block keeps no tensors at all: its slots point at meta placeholders of the same
 shape, so a block used before it is brought in fails loudly instead of reading stale memory.
 
+A block's host copy is one flat uint8 buffer, its tensors views into it at offsets rounded up to ALIGN:
+
+    buffer  |CB of to_q ....|pad|SCB|pad|bias|pad|CB of to_k ....| ...      host bytes = sum of the tensors'
+    views    ^ (out, in) int8   ^ (out,) fp32 ...                            bytes + < ALIGN each (the plan's figure)
+
+On a GPU the buffer is page-locked where it is (cudaHostRegister, as torch.distributed's checkpoint
+stager pins), not allocated pinned: torch's caching host allocator rounds every pinned allocation up to
+a power of two (1.6-2x the plan's host figure when each tensor was pinned alone, up to 2x for a block).
+
 On a GPU the copies run on a side stream (pinned host memory, non_blocking), the compute stream waits
 for a block's copy event before its first kernel, and before each new copy the host waits for the
 kernels of the block it just released: otherwise the host, queueing kernels far ahead of the GPU (until
@@ -41,6 +50,14 @@ until the backward has used it: still correct, only not freed; FLUX and Z-Image 
         ...
     swap.counts, swap.moved_bytes                      # how often each block came in, bytes copied
 
+At the end every block comes back to the device (BlockSwap.close), also while an error unwinds: the
+backend may be used again (a notebook cell run again, a retry after the out-of-memory advice). But then
+the failed step's tensors may still be held (the error's traceback keeps its frames) and bringing the
+blocks back can fail in turn (out of memory again). Then that block and those after it stay in host
+memory, their slots pointing at their host copies (nothing is lost: `denoiser.to(device)` brings them
+over once memory is free), and the error raised is the original one, with a note (a warning on
+Python 3.10) saying which blocks stayed and why; never the secondary error in its place.
+
 On a CPU the "device" and the "host" are both the CPU: every bring-in is still a copy and is counted,
 so the bookkeeping runs (tests/test_block_swap.py); its speed and its GPU peak are predicted
 (plan.MemoryPlan.block_swap), not measured here.
@@ -50,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -100,13 +118,66 @@ def in_flight_bytes(sizes: list[int]) -> int:
     return sum(sorted(sizes, reverse=True)[:2])
 
 
+# ----------------------------------------------------------------------------- a block's host buffer
+ALIGN = 64
+"""Bytes: each tensor's view starts at a multiple of this in its block's buffer, where c10's CPU allocator
+starts a tensor of its own (vectorized kernels see the same alignment; any dtype's itemsize divides it)."""
+
+
+def pack(nbytes: list[int], align: int = ALIGN) -> tuple[list[int], int]:
+    """Tensors of `nbytes` bytes one after another in one buffer, each at a multiple of `align`:
+    (their byte offsets, the buffer's size). The size is sum(nbytes) plus under `align` a tensor."""
+    offsets, end = [], 0
+    for n in nbytes:
+        offsets.append(end)
+        end += -(-n // align) * align
+    return offsets, end
+
+
+def _layout(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with the shape and strides a copy of `t` gets (empty_like's: `t`'s own when they are
+    dense, else contiguous)."""
+    return torch.empty_like(t, device="meta")
+
+
+def _span(like: torch.Tensor) -> int:
+    """Bytes a tensor of `like`'s shape and strides spans in memory (numel * itemsize when it is dense)."""
+    if like.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * st for n, st in zip(like.shape, like.stride()))) * like.element_size()
+
+
+def _view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """The tensor of `like`'s shape, strides and dtype at `offset` bytes into a flat uint8 `buffer`."""
+    flat = buffer[offset:offset + _span(like)].view(like.dtype)  # (span / itemsize,)
+    return flat.as_strided(like.shape, like.stride())
+
+
+def _pin(buffer: torch.Tensor) -> bool:
+    """Page-lock `buffer`'s memory where it is, exactly its size (the module docstring). False, with a
+    warning, when CUDA refuses: the copies are then correct but not asynchronous."""
+    if buffer.numel() == 0:
+        return False
+    error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 1))  # 1: portable
+    if error:
+        warnings.warn(f"block swap: could not page-lock {buffer.numel() / 2**20:.0f} MiB of host memory "
+                      f"(cudaHostRegister error {error}); the copies of this block will not overlap the compute",
+                      RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
+def _unpin(buffer: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
 # ----------------------------------------------------------------------------- a block's frozen tensors
 @dataclasses.dataclass
 class _Group:
     """One distinct frozen tensor and every attribute that points at it (an 8-bit weight is both the
     parameter's data and bitsandbytes' state.CB)."""
 
-    host: torch.Tensor
+    host: torch.Tensor  # a view into its block's host buffer
     placeholder: torch.Tensor  # meta, same shape and dtype
     slots: list[tuple[str, object, str]]  # ("param" | "buffer" | "attr", owner, name)
 
@@ -153,17 +224,25 @@ def _key(t: torch.Tensor) -> tuple:
 
 
 class _Block:
+    """One offloaded block: its distinct frozen tensors copied into one host buffer (views at ALIGN)."""
+
     def __init__(self, name: str, module: nn.Module, host: torch.device, pin: bool):
         self.name, self.module = name, module
-        groups: dict[tuple, _Group] = {}
+        found: dict[tuple, tuple[torch.Tensor, list]] = {}
         for kind, owner, attr, t in _slots(module):
-            key = _key(t)
-            if key not in groups:
-                h = torch.empty_like(t, device=host, pin_memory=pin).copy_(t.detach())  # its own memory, pinned for a GPU
-                groups[key] = _Group(h, torch.empty_like(h, device="meta"), [])
-            groups[key].slots.append((kind, owner, attr))
-        self.groups = list(groups.values())
+            found.setdefault(_key(t), (t, []))[1].append((kind, owner, attr))
+        likes = [_layout(t) for t, _ in found.values()]
+        offsets, size = pack([_span(like) for like in likes])
+        self.buffer = torch.empty(size, dtype=torch.uint8, device=host)  # (host bytes,)
+        self.groups = []
+        for (t, slots), like, offset in zip(found.values(), likes, offsets):
+            view = _view(self.buffer, offset, like).copy_(t.detach())
+            self.groups.append(_Group(view, like, slots))  # like: a meta tensor of the same shape, the placeholder
+        self.pinned = pin and _pin(self.buffer)
         self.nbytes = sum(g.host.numel() * g.host.element_size() for g in self.groups)
+        """Bytes of its tensors: what one bring-in copies (the plan's figure)."""
+        self.host_bytes = size
+        """Bytes of its host buffer: nbytes plus under ALIGN a tensor."""
         self.resident = False
         self.ready = None  # the copy's CUDA event
 
@@ -182,18 +261,26 @@ def frozen_bytes(block: nn.Module) -> int:
 class BlockSwap:
     """Keep `blocks` ((name, module), in the order they run) in host memory; bring each in for its
     forward (and its rerun in backward) and the next one ahead of it. `device`: where the denoiser
-    computes (default: where the blocks' tensors are now); `host`: where the offloaded copies live
-    (pinned when the device is a GPU)."""
+    computes (default: where the blocks' tensors are now); `host`: where the offloaded copies live;
+    `pin`: page-lock them (default: when the device is a GPU)."""
 
     def __init__(self, blocks: list[tuple[str, nn.Module]], device: str | torch.device | None = None,
-                 host: str | torch.device = "cpu"):
+                 host: str | torch.device = "cpu", pin: bool | None = None):
         if device is None:
             first = next((t for _, m in blocks for *_, t in _slots(m)), None)
             device = first.device if first is not None else "cpu"
         self.device, self.host = torch.device(device), torch.device(host)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.blocks = [_Block(name, m, self.host, pin=self.cuda) for name, m in blocks]
+        self.blocks = []
+        try:
+            for name, m in blocks:
+                self.blocks.append(_Block(name, m, self.host, pin=self.cuda if pin is None else pin))
+        except BaseException:  # host memory ran out, say: nothing was released yet; unpin what was pinned
+            for b in self.blocks:
+                if b.pinned:
+                    _unpin(b.buffer)
+            raise
         self.counts = [0] * len(self.blocks)
         """How many times each block was brought in."""
         self.moved_bytes = 0
@@ -216,6 +303,11 @@ class BlockSwap:
     @property
     def sizes(self) -> list[int]:
         return [b.nbytes for b in self.blocks]
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the offloaded blocks hold (pinned on a GPU): their sizes plus alignment padding."""
+        return sum(b.host_bytes for b in self.blocks)
 
     # ---- moving one block
     def _bring_in(self, i: int) -> None:
@@ -273,21 +365,60 @@ class BlockSwap:
             self._bring_in(ahead)
 
     # ---- the end
-    def close(self) -> None:
-        """Remove the hooks and put every block back on the device, as it was."""
+    def _restore(self, b: _Block) -> None:
+        """Block b back on the device for good, in memory of its own (not views of its host buffer)."""
+        if b.resident and self.cuda:  # already there (its copy perhaps still on the way)
+            if b.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(b.ready)
+        else:
+            for g in b.groups:
+                g.point(g.host.to(self.device, copy=True))  # on a CPU a clone: the buffer can go
+        b.resident, b.ready = True, None
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Remove the hooks and put every block back on the device, as it was. `error`: the one unwinding
+        (offloaded passes it). If a block cannot come back, it and those after it stay in host memory,
+        pointing at their host copies, and `error` stays the error raised, with a note saying so (the
+        module docstring); without an unwinding error, that failure is raised."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for b in self.blocks:
-            if b.resident and self.cuda:  # already there (its copy perhaps still on the way)
-                if b.ready is not None:
-                    torch.cuda.current_stream(self.device).wait_event(b.ready)
-                continue
-            for g in b.groups:
-                g.point(g.host if self.host == self.device else g.host.to(self.device))
-            b.resident, b.ready = True, None
+        failure, left = None, []
+        for i, b in enumerate(self.blocks):
+            try:
+                self._restore(b)
+            except Exception as e:  # out of memory, most likely (or a CUDA error the original left behind)
+                failure, left = e, self.blocks[i:]
+                break
         if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            try:
+                torch.cuda.synchronize(self.device)  # every copy done, the side stream's too, before unpinning
+            except Exception as e:
+                failure = failure or e
+        for b in left:
+            for g in b.groups:
+                g.point(g.host)  # the weights kept, in host memory: `denoiser.to(device)` brings them over
+            b.resident, b.ready = False, None
+        for b in self.blocks:
+            if b.pinned:
+                with contextlib.suppress(Exception):  # a CUDA error left by the original: nothing more to do
+                    _unpin(b.buffer)  # tensors left in host memory stay valid, only no longer page-locked
+                b.pinned = False
+            if b not in left:
+                b.buffer, b.groups = None, []  # its host copy goes
+        if failure is None:
+            return
+        what = f"block swap: the blocks could not all come back to {self.device} " \
+               f"({type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[0][:200]})"
+        if left:
+            what += (f"; {len(left)} of {len(self.blocks)} ({', '.join(b.name for b in left)}) stay in host memory: "
+                     f"denoiser.to('{self.device}') brings them over once memory is free")
+        if error is None:
+            raise failure
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(what)
+        else:
+            warnings.warn(what, RuntimeWarning, stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -301,5 +432,7 @@ def offloaded(denoiser: nn.Module, n: int, device: str | torch.device | None = N
     swap = BlockSwap([blocks[i] for i in picked], device, host)
     try:
         yield swap
-    finally:
-        swap.close()
+    except BaseException as error:  # the blocks come back if they can; `error` stays the one raised
+        swap.close(error)
+        raise
+    swap.close()

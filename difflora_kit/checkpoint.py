@@ -7,7 +7,9 @@ One safetensors file (never a pickle), written atomically every `checkpoint_ever
     adam/<name>/step
     rng/noise                    the noise generator's state (timesteps and noise of later steps)
 and in the header: the step reached, the losses so far, and a fingerprint of the run (settings,
-image, prompt, preset) so that a checkpoint is never resumed into a different run.
+image, prompt, preset) so that a checkpoint is never resumed into a different run; under fp16 loss
+scaling also the scaler's state (its scale S and clean-step count: a resumed run goes on with the
+same S, so its gradients round and its steps skip as the uninterrupted run's) and the skipped steps.
 Its name says what it is (`*.checkpoint.safetensors`): it never looks like a finished LoRA.
 """
 
@@ -41,20 +43,28 @@ def fingerprint(**parts) -> str:
 
 
 def save(path: Path, named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-         step: int, generator: torch.Generator, losses: list[float], run: str) -> None:
+         step: int, generator: torch.Generator, losses: list[float], run: str,
+         scaler: torch.amp.GradScaler | None = None, skipped: list[int] = ()) -> None:
+    """Write the state after `step` steps atomically; `scaler`: its state is kept when it is enabled."""
     tensors = {"rng/noise": generator.get_state()}
     for name, p in named_params:
         tensors[f"param/{name}"] = p.detach().cpu().contiguous()
         for key, value in optimizer.state.get(p, {}).items():
             tensors[f"adam/{name}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     meta = {"step": str(step), "losses": json.dumps(losses), "run": run}
+    if scaler is not None and scaler.is_enabled():  # fp16: {"scale": 65536.0, "_growth_tracker": 12, ...}
+        meta["loss_scaler"] = json.dumps(scaler.state_dict())
+        meta["skipped_steps"] = json.dumps(list(skipped))
     with atomic_file(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
 def restore(path: Path, named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-            generator: torch.Generator, run: str) -> tuple[int, list[float]]:
-    """Load a checkpoint into the parameters, optimizer and generator; returns (step, losses)."""
+            generator: torch.Generator, run: str,
+            scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[float], list[int]]:
+    """Load a checkpoint into the parameters, optimizer, generator and (enabled) loss scaler; returns
+    (step, losses, skipped steps). A scaler state absent (a checkpoint of an fp32 or bf16 run resumed in
+    fp16) leaves the scaler as it starts."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("run") != run:
@@ -70,4 +80,6 @@ def restore(path: Path, named_params: list[tuple[str, torch.nn.Parameter]], opti
             if state:
                 optimizer.state[p] = state
     generator.set_state(tensors["rng/noise"])
-    return int(meta["step"]), json.loads(meta["losses"])
+    if scaler is not None and scaler.is_enabled() and "loss_scaler" in meta:
+        scaler.load_state_dict(json.loads(meta["loss_scaler"]))
+    return int(meta["step"]), json.loads(meta["losses"]), json.loads(meta.get("skipped_steps", "[]"))

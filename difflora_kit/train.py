@@ -12,6 +12,18 @@ when cfg.targets is left at them and its backend declares `default_targets` (FLU
 
 Only the LoRA (A, B) trains; the base stays frozen (in 8-bit by default). With cfg.offload_blocks, that many
 of the denoiser's blocks wait in pinned CPU memory and come in one by one (difflora_kit.block_swap).
+
+The LoRA's weights and AdamW's moments are fp32 whatever the base computes in (lora.attach). A base that
+computes in fp16 (a T4, devices.compute_dtype) gets dynamic loss scaling, as torch.amp does it:
+
+    fp16's smallest number is 6e-8 (normal ones: 6e-5): the gradient of a mean over B*C*H*W latent
+    elements, backpropagated through fp16 layers, falls below it and becomes 0 before it reaches the
+    fp32 LoRA (a tiny SD 1.5 UNet of the real diffusers classes at 512 px: the self-attention query and
+    key LoRAs get almost none of their gradient, tests/test_fp16_scaling.py). So: backward of loss * S;
+    the LoRA's fp32 gradients / S; S starts at 2^16, halves when a gradient overflows (that step's update
+    is skipped) and doubles after 2000 clean steps.
+A skipped step is not a bad loss: the loss was finite (NonFiniteLossError is for a loss that is not);
+TrainResult.skipped_steps lists them. bf16 (sm80+) has fp32's range and fp32 needs nothing: no scaling there.
 """
 
 from __future__ import annotations
@@ -47,6 +59,9 @@ class TrainResult:
     """Wall time of each optimizer step (the first includes one-time set-up)."""
     block_swap: SwapLog | None = None
     """With cfg.offload_blocks: which blocks were offloaded and how often each came in, step by step."""
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)
+    """fp16 only: the steps (counted from 1) whose gradients overflowed under loss scaling, so the update
+    was skipped and the scale halved (a few at the start are normal; the loss of each was finite)."""
 
 
 @dataclasses.dataclass
@@ -73,6 +88,21 @@ def stratified_timesteps(batch: int, num_train: int, generator: torch.Generator)
     return ((torch.arange(batch) + u) / batch * num_train).long().clamp_max(num_train - 1)
 
 
+def computes_in_fp16(denoiser: torch.nn.Module) -> bool:
+    """Does the denoiser compute in fp16? Its frozen floating-point tensors say (an 8-bit linear's codes
+    are int8, the LoRA's weights fp32 whatever the base: lora.attach)."""
+    return any(p.dtype == torch.float16 for p in denoiser.parameters() if not p.requires_grad)
+
+
+def loss_scaler(denoiser: torch.nn.Module, device: torch.device | str,
+                init_scale: float = 2.0 ** 16) -> torch.amp.GradScaler:
+    """torch.amp's dynamic loss scaling when the denoiser computes in fp16 (the module docstring), on
+    `device`'s type (a GradScaler works on the CPU too); disabled otherwise: then scale() returns the
+    loss as it is and step() is optimizer.step()."""
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=init_scale,
+                                enabled=computes_in_fp16(denoiser))
+
+
 def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: dict | None = None,
                progress: bool = True, checkpoint: Path | None = None, resume: bool = False,
                on_step=None) -> TrainResult:
@@ -87,58 +117,64 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     params = lora.attach(backend.unet, cfg.rank, cfg.alpha, targets, ADAPTER)
     named = [(n, p) for n, p in backend.unet.named_parameters() if p.requires_grad]  # the LoRA's, by name
     backend.unet.train()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # its moments: fp32, as the LoRA
+    scaler = loss_scaler(backend.unet, params[0].device)  # fp16: dynamic loss scaling; else a no-op
     x0 = backend.encode_images(image[None]).expand(cfg.batch, -1, -1, -1)  # (B, C, H, W), cached once
     states = backend.encode_prompts([prompt]).expand(cfg.batch, -1, -1)  # (B, T, D), cached once
     backend.offload_encoders()  # a GPU keeps only the denoiser while training (back on first use)
     if cfg.gradient_checkpointing:
         backend.unet.enable_gradient_checkpointing()
     scheduler = backend.scheduler
-    losses, step_seconds, started, first = [], [], time.time(), 0
+    losses, step_seconds, skipped, started, first = [], [], [], time.time(), 0
     # what makes a run the same run: not how often it is checkpointed, nor how memory is saved
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("checkpoint_every", "gradient_checkpointing", "offload_blocks")}
     run = checkpoints.fingerprint(cfg=settings, prompt=prompt, image=image_digest(image), meta=meta or {})
     if checkpoint is not None and resume and Path(checkpoint).is_file():
-        first, losses = checkpoints.restore(checkpoint, named, optimizer, generator, run)
+        first, losses, skipped = checkpoints.restore(checkpoint, named, optimizer, generator, run, scaler)
     warmup = max(1, cfg.steps // 20)
-    swap, swap_log = contextlib.ExitStack(), None
+    # block swap: cfg.offload_blocks of the denoiser's blocks in host memory while it trains (the LoRA attached
+    # first: the hooks go on the modules as they now are); the denoiser is whole again after. A `with`: an
+    # error inside reaches block swap's exit, which keeps it the error raised (block_swap.BlockSwap.close)
+    swapping = (block_swap.offloaded(backend.unet, cfg.offload_blocks) if cfg.offload_blocks
+                else contextlib.nullcontext())
     try:
-        # ---- block swap: cfg.offload_blocks of the denoiser's blocks in host memory while it trains (the
-        # LoRA attached first: the hooks go on the modules as they now are); the denoiser is whole again after
-        if cfg.offload_blocks:
-            swapper = swap.enter_context(block_swap.offloaded(backend.unet, cfg.offload_blocks))
-            swap_log, seen = SwapLog(swapper.names, swapper.sizes), [0] * len(swapper.names)
-        # ---- end of block swap
-        for step in tqdm(range(first, cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})",
-                         disable=not progress, initial=first, total=cfg.steps):
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU: same on any device
-            t = stratified_timesteps(cfg.batch, scheduler.config.num_train_timesteps, generator).to(x0.device)
-            x_t, target = diffusion.noisy_and_target(scheduler, x0, noise, t)
-            loss = torch.nn.functional.mse_loss(backend.denoiser(x_t, t, states).float(), target)
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(
-                    f"the training loss became {loss.item()} at step {step + 1}: stopped, nothing written. "
-                    f"Lower the learning rate (now {cfg.lr}) or the alpha (now {cfg.alpha})."
-                )
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / warmup)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if swap_log is not None:  # block swap: the bring-ins of this step
-                swap_log.counts.append([c - s for c, s in zip(swapper.counts, seen)])
-                swap_log.misses.append(swapper.misses - sum(swap_log.misses))
-                seen = list(swapper.counts)
-            if on_step is not None:
-                on_step(step + 1, losses[-1])
-            step_seconds.append(time.time() - started - sum(step_seconds))
-            if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
-                    and step + 1 < cfg.steps:
-                checkpoints.save(checkpoint, named, optimizer, step + 1, generator, losses, run)
+        with swapping as swapper:
+            swap_log = None if swapper is None else SwapLog(swapper.names, swapper.sizes)
+            seen = [] if swapper is None else [0] * len(swapper.names)
+            for step in tqdm(range(first, cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})",
+                             disable=not progress, initial=first, total=cfg.steps):
+                noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU: same on any device
+                t = stratified_timesteps(cfg.batch, scheduler.config.num_train_timesteps, generator).to(x0.device)
+                x_t, target = diffusion.noisy_and_target(scheduler, x0, noise, t)
+                loss = torch.nn.functional.mse_loss(backend.denoiser(x_t, t, states).float(), target)
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLossError(
+                        f"the training loss became {loss.item()} at step {step + 1}: stopped, nothing written. "
+                        f"Lower the learning rate (now {cfg.lr}) or the alpha (now {cfg.alpha})."
+                    )
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (step + 1) / warmup)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()  # fp16: backward of loss * S, so small gradients stay above 6e-8
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # the fp32 LoRA gradients / S; no update if one is inf or nan
+                scaler.update()  # S halves after an overflow, doubles after 2000 clean steps
+                if scaler.get_scale() < scale:  # it backed off: this step's update was skipped
+                    skipped.append(step + 1)
+                losses.append(loss.item())
+                if swap_log is not None:  # block swap: the bring-ins of this step
+                    swap_log.counts.append([c - s for c, s in zip(swapper.counts, seen)])
+                    swap_log.misses.append(swapper.misses - sum(swap_log.misses))
+                    seen = list(swapper.counts)
+                if on_step is not None:
+                    on_step(step + 1, losses[-1])
+                step_seconds.append(time.time() - started - sum(step_seconds))
+                if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                        and step + 1 < cfg.steps:
+                    checkpoints.save(checkpoint, named, optimizer, step + 1, generator, losses, run,
+                                     scaler, skipped)
     finally:  # also after an error: the backend may be reused (a notebook, the OOM advice)
-        swap.close()  # block swap: every block back on the device, the hooks removed
         backend.unet.eval()
         if cfg.gradient_checkpointing:
             backend.unet.disable_gradient_checkpointing()
@@ -148,4 +184,4 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     if backend.lora_prefix != lora.PREFIX:
         info["denoiser"] = backend.lora_prefix  # e.g. FLUX: written with "transformer." keys (lora.save)
     return TrainResult(lora.LoraFile(tensors, config, info), losses, time.time() - started, step_seconds,
-                       swap_log)
+                       swap_log, skipped)

@@ -1,14 +1,31 @@
 import os
 import warnings
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Triton kernels run in its interpreter on CPU; it must be set before anything imports triton
-# (bitsandbytes may). On a CUDA machine the kernels compile for real (tests/test_kernels_gpu.py).
-import torch  # noqa: E402  (importing torch does not import triton)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+def session_environment(cuda: bool) -> dict[str, str]:
+    """What the test session sets, unless the environment already has it, on a machine with or without CUDA.
+
+    DIFFLORA_DEVICE=cpu   the "CPU" tests stay on the CPU on a GPU machine too (difflora_kit.backends'
+                          default_device would take CUDA; tests/test_quant.py would hand fp32 to bitsandbytes'
+                          CUDA quantizer, the claims' tolerances were measured on the CPU). A GPU test names its
+                          device (tests/test_kernels_gpu.py, test_quant_gpu.py) or removes the variable
+                          (tests/test_devices.py); `DIFFLORA_DEVICE=cuda pytest ...` sends every test there.
+    TRITON_INTERPRET=1    without CUDA only: the Triton kernels run in its interpreter on CPU tensors
+                          (tests/test_kernels.py). On a CUDA machine they compile for real
+                          (tests/test_kernels_gpu.py) and the CPU kernel tests skip; the kit's "auto" merge
+                          sends CPU tensors to the PyTorch reference on either machine.
+    Tested in tests/test_session_device.py."""
+    env = {"DIFFLORA_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if not cuda:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+# Before anything imports triton (bitsandbytes may) or reads the device: importing torch imports neither.
+import torch  # noqa: E402
+
+for _name, _value in session_environment(torch.cuda.is_available()).items():
+    os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
 

@@ -45,7 +45,8 @@ def test_a_seed_draws_the_same_pictures_on_both_devices():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_the_device_flag_is_checked_before_anything_runs(tmp_path, capsys):
+def test_the_device_flag_is_checked_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(backends.DEVICE_VARIABLE, raising=False)  # the session pins the CPU (tests/conftest.py)
     from difflora_kit import cli
 
     out = tmp_path / "grid.png"
