@@ -46,3 +46,10 @@ def tiny_pair_loras():
     cfg = TrainConfig(steps=8, lr=1e-2)
     result = train_pair(load_image(row["image1"]), load_image(row["image2"]), row["prompt"], cfg, progress=False)
     return result, row, cfg
+
+
+@pytest.fixture(scope="session")
+def notebook_cwd(tmp_path_factory):
+    """One working folder for all notebooks of the session, plain or under the stand-in CUDA device (files
+    one notebook writes, the next may read: notebook 5 picks up notebook 4's LoRA 1)."""
+    return tmp_path_factory.mktemp("notebooks")
