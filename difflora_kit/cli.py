@@ -201,7 +201,8 @@ def cmd_sample(args) -> None:
     preset = pair.load_lora(args.preset_lora, base) if args.preset_lora else None
     backend = pair.prepare_base(base, _train_cfg_from(eight_bit=args.eight_bit, preset_mode=args.preset_mode), preset,
                                 encode=pair.Encodes(prompts=tuple(prompts)))
-    images = sample.sweep(backend, the_lora, prompts, args.seeds, args.scales, _sample_cfg(args, base))  # (P, S, K, H, W, 3)
+    images = sample.sweep(backend, the_lora, prompts, args.seeds, args.scales, _sample_cfg(args, base),
+                          args.max_batch)  # (P, S, K, H, W, 3); a GPU out of memory: SampleOutOfMemory says what to lower
     P, S, K = images.shape[:3]
     grid = images.transpose(2, 0, 1, 3, 4, 5).reshape(K, P * S, *images.shape[3:])  # rows: scales
     cols = [f"p{p} seed {s}" for p in range(P) for s in args.seeds]
@@ -434,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default=[0])
     p.add_argument("--out", type=Path, required=True, help="grid PNG")
     p.add_argument("--images", type=Path, default=None, help="folder for one PNG per prompt/seed/scale + index.json")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="images per batched call (default: 96 on the CPU; on a GPU as many as fit in its free memory)")
     p.add_argument("--eight-bit", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--preset-mode", default="fuse", help="how --preset-lora enters the base: fuse | requant | adapter")
     _add_sample_flags(p)
@@ -522,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = lambda msg, *a, **k: print(f"difflora: note: {msg}", file=sys.stderr)
+        warnings.showwarning = lambda msg, category, *a, **k: print(  # a report that failed: "warning" (LoRA 2 is safe)
+            f"difflora: {getattr(category, 'cli_label', 'note')}: {msg}", file=sys.stderr)
         try:
             if args.command == "doctor":  # its own exit codes; its --device is what it checks
                 return args.func(args)

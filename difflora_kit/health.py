@@ -37,6 +37,7 @@ import torch
 from . import diffusion, sample
 from .files import atomic_file
 from .lora import LoraFile
+from .plan import OutOfMemoryAdvice
 
 TRANSFERS = "transfers"
 NO_EFFECT = "no effect on other prompts"
@@ -90,11 +91,13 @@ class HealthConfig:
     that learned image 2's content moves the composition (chosen over (0.5, 0.8) on the calibration
     set: 85% against 75% agreement)."""
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
-    max_batch: int = 96
-    """Most rows per denoiser call (LoRA off and on halves together), as sample.sweep's batches."""
+    max_batch: int | None = None
+    """Most rows per denoiser call (LoRA off and on halves together). None: sized to the device
+    (report_rows: sample.MAX_BATCH on the CPU, what fits in the free memory on a GPU). The batching does
+    not change the figures."""
 
     def __post_init__(self):
-        if self.prompts < 1 or self.seeds < 1 or not self.levels or self.max_batch < 2:
+        if self.prompts < 1 or self.seeds < 1 or not self.levels or (self.max_batch is not None and self.max_batch < 2):
             raise ValueError("a health report needs at least one other prompt, one seed, one level and max_batch >= 2")
         if not all(0.0 < float(f) < 1.0 for f in self.levels):
             raise ValueError(f"levels are fractions of the schedule in (0, 1), got {self.levels!r}")
@@ -122,12 +125,31 @@ def report_encodes(base, prompt: str, image2: np.ndarray, cfg: HealthConfig = He
     return Encodes((image2,), (prompt, *other_prompts(base, prompt, cfg.prompts)))
 
 
+def report_rows(backend, cfg: HealthConfig = HealthConfig()) -> int:
+    """Rows per denoiser call of the report on `backend`: cfg.max_batch, or (None) sample.batch_size's
+    for rows without decoding: sample.MAX_BATCH on the CPU, on a GPU as many as the memory free now takes
+    (at least 2: one probe, LoRA off and on)."""
+    return cfg.max_batch or sample.batch_size(backend, rows_per_item=1, decode=False, least=2)
+
+
+class ReportOutOfMemory(OutOfMemoryAdvice):
+    """The GPU ran out of memory during a health report; the message says what to lower."""
+
+
+def out_of_memory_message(rows: int, error: BaseException) -> str:
+    """What to do after the report's denoiser calls of up to `rows` rows ran out of GPU memory."""
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (f"the GPU ran out of memory in the health report's denoiser calls of up to {rows} rows: {first}. Run it "
+            f"with fewer rows per call (health.HealthConfig(max_batch={max(2, rows // 2)}), 2 at the least), on a GPU "
+            "with nothing else on it; or leave it out (--no-report).")
+
+
 def _chunks(n: int, size: int):
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def _probes(backend, prompts: list[str], cfg: HealthConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, states) of every probe: rows ordered (level, prompt, seed), L * P * S of them."""
+def _probes(backend, prompts: list[str], cfg: HealthConfig, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, states) of every probe: rows ordered (level, prompt, seed), L * P * S of them (`rows` per call)."""
     scheduler, device = backend.scheduler, backend.device
     T, P, S, L = scheduler.config.num_train_timesteps, len(prompts), cfg.seeds, len(cfg.levels)
     noise = torch.stack([torch.randn((1 + L, *backend.latent_shape), generator=torch.Generator().manual_seed(s))
@@ -137,7 +159,7 @@ def _probes(backend, prompts: list[str], cfg: HealthConfig) -> tuple[torch.Tenso
     t_top = torch.full((P * S,), T - 1, dtype=torch.long, device=device)
     x_top = diffusion.noisy_and_target(scheduler, torch.zeros_like(eps), eps, t_top)[0]
     x0_hat = torch.cat([diffusion.predicted_x0(scheduler, x_top[c], backend.denoiser(x_top[c], t_top[c], states[c]), t_top[c])
-                        for c in _chunks(P * S, cfg.max_batch)])  # the base's one-step clean guess, cond only
+                        for c in _chunks(P * S, rows)])  # the base's one-step clean guess, cond only
     xs, ts = [], []
     for k, frac in enumerate(cfg.levels):
         t = torch.full((P * S,), min(T - 1, int(round(frac * T))), dtype=torch.long, device=device)
@@ -155,7 +177,7 @@ def _off_on(backend, lora2: LoraFile, x: torch.Tensor, t: torch.Tensor, states: 
             k = c.stop - c.start
             xx, tt = torch.cat([x[c], x[c]]), torch.cat([t[c], t[c]])
             strengths = torch.cat([torch.zeros(k), torch.ones(k)])  # (2k,): rows 0..k-1 off, k..2k-1 on
-            with sample.per_sample_strength(backend.unet, adapter, strengths):
+            with sample.per_sample_strength(backend.unet, adapter, strengths):  # on the device once per call
                 out = backend.denoiser(xx, tt, torch.cat([states[c], states[c]]))
             off, on = diffusion.predicted_x0(backend.scheduler, xx, out, tt).float().chunk(2)
             offs.append(off)
@@ -176,8 +198,12 @@ def measure(backend, lora2: LoraFile, prompt: str, image2: np.ndarray, cfg: Heal
     others = other_prompts(backend, prompt, cfg.prompts)
     prompts = [prompt] + others
     P, S = len(prompts), cfg.seeds
-    x, t, states = _probes(backend, prompts, cfg)
-    off, on = _off_on(backend, lora2, x, t, states, cfg.max_batch)
+    per_call = report_rows(backend, cfg)
+    try:
+        x, t, states = _probes(backend, prompts, cfg, per_call)
+        off, on = _off_on(backend, lora2, x, t, states, per_call)
+    except torch.OutOfMemoryError as e:
+        raise ReportOutOfMemory(out_of_memory_message(per_call, e)) from e
     z2 = backend.encode_images(np.asarray(image2)[None]).float()  # (1, C, H, W)
     scale = max(math.sqrt(float((z2 - z2.mean()).pow(2).mean())), 1e-6)
     change_ms = (on - off).pow(2).flatten(1).mean(1)  # (rows,) mean squares
@@ -198,7 +224,7 @@ def measure(backend, lora2: LoraFile, prompt: str, image2: np.ndarray, cfg: Heal
         "other_changes": changes[1:], "other_drags": drags[1:],
         "prompt": prompt, "other_prompts": others, "seeds": S, "levels": list(cfg.levels),
         "timesteps": [min(T - 1, int(round(f * T))) for f in cfg.levels], "scale": scale,
-        "probes": int(x.shape[0]), "seconds": time.time() - started,
+        "probes": int(x.shape[0]), "rows_per_call": per_call, "seconds": time.time() - started,
     }
 
 

@@ -6,8 +6,10 @@
        DIR/index.json                                                      pairs, digests, verdicts, the average
     written whole at the end (files.atomic_directory), or not at all.
 
-Each LoRA 2 gets its health report on the plain base (difflora_kit.health). A dud is a LoRA 2 whose
-verdict is not "transfers"; `duds` says what the average does with it:
+Each LoRA 2 gets its health report on the plain base (difflora_kit.health), after its pair's LoRAs are
+written; a report that fails (a GPU out of memory...) leaves that LoRA 2 without a verdict, with a
+warning, and the run goes on. A dud is a LoRA 2 whose verdict is not "transfers"; `duds` says what the
+average does with it (one without a verdict is averaged like one that transfers, and named):
 
     keep          averaged like the others                       w_i = 1/N
     drop          left out                                       w_i = 1/(N - duds) for the others
@@ -63,20 +65,30 @@ def check_duds(duds: str, dud_weight: float, report: bool) -> None:
 
 def dud_members(entries: list[dict], mode: str, dud_weight: float) -> tuple[list[int], list[float] | None, dict, str]:
     """Which LoRA 2s the average takes, under --duds keep|drop|down-weight (a dud: a health verdict other
-    than "transfers"): (their positions in `entries`, weights (None: 1/N each), index.json's record, a line)."""
+    than "transfers"): (their positions in `entries`, weights (None: 1/N each), index.json's record, a line).
+    A LoRA 2 whose report failed (entry "report_failed") has no verdict: it is averaged like one that
+    transfers, and the record's "unreported" and the line name it."""
     everyone = list(range(len(entries)))
     record = {"duds": mode, "left_out": [], "down_weighted": [], "kept_duds": []}
-    if any("verdict" not in e for e in entries):
-        return everyone, None, {**record, "duds": "keep"}, "no health reports (--no-report): every LoRA 2 is averaged"
-    duds = [k for k, e in enumerate(entries) if e["verdict"] != health.TRANSFERS]
+    failed = [k for k, e in enumerate(entries) if "report_failed" in e]
+    unreported = ""
+    if failed:
+        record["unreported"] = [{"dir": entries[k]["dir"], "reason": entries[k]["report_failed"]} for k in failed]
+        unreported = (f"; {len(failed)} of {len(entries)} LoRA 2s have no verdict (their health report failed) and are "
+                      f"averaged like those that transfer: {', '.join(entries[k]['dir'] for k in failed)}")
+    if all("verdict" not in e for e in entries):
+        why = "no health reports (--no-report)" if not failed else "no health report could run (the warnings say why)"
+        return everyone, None, {**record, "duds": "keep"}, f"{why}: every LoRA 2 is averaged"
+    duds = [k for k, e in enumerate(entries) if "verdict" in e and e["verdict"] != health.TRANSFERS]
     named = ", ".join(f"{entries[k]['dir']} ({entries[k]['verdict']})" for k in duds)
     if not duds:
-        return everyone, None, record, f"duds (--duds {mode}): none, every LoRA 2's verdict is '{health.TRANSFERS}'"
+        return everyone, None, record, \
+            f"duds (--duds {mode}): none, every LoRA 2's verdict is '{health.TRANSFERS}'{unreported}"
     of = f"{len(duds)} of {len(entries)} LoRA 2s"
     if mode == "keep":
         record["kept_duds"] = [{"dir": entries[k]["dir"], "verdict": entries[k]["verdict"]} for k in duds]
         return everyone, None, record, (f"duds (--duds keep): {of} averaged at full weight although not "
-                                        f"'{health.TRANSFERS}': {named}")
+                                        f"'{health.TRANSFERS}': {named}{unreported}")
     if mode == "drop":
         members = [k for k in everyone if k not in duds]
         if not members:
@@ -85,21 +97,26 @@ def dud_members(entries: list[dict], mode: str, dud_weight: float) -> tuple[list
                              "(each pair_XXX/report.json says what to try)")
         record["left_out"] = [{"dir": entries[k]["dir"], "verdict": entries[k]["verdict"],
                                "reason": f"health verdict '{entries[k]['verdict']}' (--duds drop)"} for k in duds]
-        return members, None, record, f"duds (--duds drop): left out {of} from the average: {named}"
+        return members, None, record, f"duds (--duds drop): left out {of} from the average: {named}{unreported}"
     raw = [dud_weight if k in duds else 1.0 for k in everyone]
     weights = [w / sum(raw) for w in raw]
     record["down_weighted"] = [{"dir": entries[k]["dir"], "verdict": entries[k]["verdict"], "weight": round(weights[k], 6),
                                 "reason": f"health verdict '{entries[k]['verdict']}' (--duds down-weight, "
                                           f"--dud-weight {dud_weight:g} before normalising)"} for k in duds]
     return everyone, weights, record, (f"duds (--duds down-weight): {of} at weight {dud_weight:g} before normalising "
-                                       f"({weights[duds[0]]:.3g} after, the others {max(weights):.3g}): {named}")
+                                       f"({weights[duds[0]]:.3g} after, the others {max(weights):.3g}): {named}{unreported}")
 
 
 def train_share(rows: list[dict], images: list[tuple], cfg: TrainConfig, base: Base, group: distributed.Group,
-                folder: Path, report: bool = True, progress: bool = True) -> dict[int, tuple[dict, lora.LoraFile]]:
+                folder: Path, report: bool = True, progress: bool = True,
+                shown: Path | None = None) -> dict[int, tuple[dict, lora.LoraFile]]:
     """Train and write this process' pairs (all of them for one process) into `folder`/pair_XXX:
-    {i: (index entry, LoRA 2)}, each LoRA 2 with its health report (on this process' plain base, loaded once)."""
-    done, plain = {}, None
+    {i: (index entry, LoRA 2)}. Each pair's LoRAs are written first, then LoRA 2's health report runs on a
+    plain base loaded for it and freed after it (pair_files.report_or_warn: never beside the next pair's
+    training model), and its verdict is stamped into LoRA 2. A report that fails leaves its LoRA 2 without
+    a verdict (the entry's "report_failed", a ReportFailedWarning) and the other pairs go on. `shown`:
+    the folder the warnings name (the final DIR; None: `folder`)."""
+    done = {}
     for i in distributed.shard(len(rows), group.processes, group.index):
         row, (image1, image2) = rows[i], images[i]
         if not folder.is_dir():  # removed: another process failed; train and write nothing more
@@ -108,22 +125,26 @@ def train_share(rows: list[dict], images: list[tuple], cfg: TrainConfig, base: B
         if progress:
             print(f"pair {i + 1}/{len(rows)}{group.tag}: {row['prompt']!r}")
         result = pair.train_pair(image1, image2, row["prompt"], cfg, base, progress)
-        figures = None
+        name = f"pair_{i:03d}"
+        paths = pair.save_pair(result, folder / name)  # both LoRAs on disk before the report runs
+        entry = pair.index_entry(i, row, result)
         if report:
-            encodes = health.report_encodes(base, row["prompt"], image2)
-            if plain is None:
-                plain = pair.prepare_base(base, cfg, encode=encodes)
+            final = (shown or folder) / name
+            redo = (f"from difflora_kit import health, pair_files; pair_files.report_on_file("
+                    f"{str(final / 'lora2.safetensors')!r}, {str(row['image2'])!r}, {row['prompt']!r}, {str(base)!r}, "
+                    f"health_cfg=health.HealthConfig(max_batch=2){'' if cfg.eight_bit else ', eight_bit=False'})")
+            figures, error = pair_files.report_or_warn(
+                paths[1], result.lora2, base, cfg, row["prompt"], image2, folder / name / "report.json", redo,
+                also=f" (LoRA 1 beside it; {shown or folder} appears when every pair is done)",
+                shown=(final / "lora2.safetensors", final / "report.json"))
+            if figures is not None:
+                entry.update(verdict=figures["verdict"], other_change=float(f"{figures['other_change']:.4g}"),
+                             drag=float(f"{figures['drag']:.4g}"))
+                if progress:
+                    print(pair_files.report_line(figures, f"{name}/report.json", f"pair {i + 1}/{len(rows)} LoRA 2"))
             else:
-                plain.encode_first(encodes.images, encodes.prompts)  # later pairs: theirs, then off the GPU again
-            figures = pair_files.health_report(plain, result.lora2, row["prompt"], image2)  # stamped, then saved
-        pair.save_pair(result, folder / f"pair_{i:03d}")
-        done[i] = (pair.index_entry(i, row, result), result.lora2)
-        if figures is not None:
-            done[i][0].update(verdict=figures["verdict"], other_change=float(f"{figures['other_change']:.4g}"),
-                              drag=float(f"{figures['drag']:.4g}"))
-            health.save(folder / f"pair_{i:03d}" / "report.json", figures)
-            if progress:
-                print(pair_files.report_line(figures, f"pair_{i:03d}/report.json", f"pair {i + 1}/{len(rows)} LoRA 2"))
+                entry["report_failed"] = error.splitlines()[0]
+        done[i] = (entry, result.lora2)
     return done
 
 
@@ -179,11 +200,11 @@ def run(out: Path, metadata: Path, cfg: TrainConfig | None = None, base: str | P
         if not group.is_main:  # train into the main process' temp folder, report, exit
             tmp = group.share_folder(None)
             with distributed.discarded_on_error(tmp):
-                done = train_share(rows, images, cfg, base, group, tmp, report, progress)
+                done = train_share(rows, images, cfg, base, group, tmp, report, progress, out)
                 group.gather({i: entry for i, (entry, _) in done.items()})
             return None
         with atomic_directory(out) as tmp:  # DIR appears whole at the end, or not at all
-            done = train_share(rows, images, cfg, base, group, group.share_folder(tmp), report, progress)
+            done = train_share(rows, images, cfg, base, group, group.share_folder(tmp), report, progress, out)
             shares = group.gather({i: entry for i, (entry, _) in done.items()})  # waits for every process
             indexed = sorted((i, e) for share in shares for i, e in share.items())  # pair order, not process order
             entries = [e for _, e in indexed]

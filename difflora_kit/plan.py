@@ -746,3 +746,89 @@ def out_of_memory_message(plan_args: dict, error: BaseException) -> str:
     except Exception as plan_error:  # the advice must never hide the original error
         lines.append(f"(no memory plan for this base: {plan_error}) Lower --resolution, --batch or --rank.")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- batches without gradients
+# The health report and strength sweeps run the denoiser without gradients on batches of rows. The plan's
+# sampling phase counts SAMPLE_ROWS of them (its prediction holds for any batch down to that); a bigger
+# batch is faster but holds activations in proportion to its rows: on SDXL at 1024, ~0.24 GiB a row (bf16,
+# 8-bit linears), so the 96 rows that once were every batch's size would hold ~23 GiB. On a GPU the kit
+# sizes each batch to the memory free at the time (rows_that_fit); on the CPU it keeps its fixed size.
+BATCH_HEADROOM = 0.75
+"""Share of the free memory a batch may fill: the rest for what the estimate does not see (the allocator's
+fragmentation, cuBLAS workspaces). The per-row figures are predictions, not measured on a GPU."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBytes:
+    """What a batch without gradients holds, per row and per image (bytes)."""
+
+    denoiser_row: int
+    """One denoiser row at the call's worst moment: no_grad_peak of SAMPLE_ROWS rows (the plan's sampling
+    batch, 8-bit temporaries included) divided by them; activations grow in proportion to the rows."""
+    decode_image: int
+    """The VAE decoding one image (0: pixel space)."""
+    vae_weights: int
+    """The VAE's weights (0: pixel space): they come to the GPU to decode when they are on the CPU."""
+
+
+def backend_shapes(backend) -> ModelShapes:
+    """The ModelShapes of a loaded backend, from its own modules' configs (no folder, no download): its
+    denoiser's config, its VAE's (None in pixel space), its text tokens, its latent size."""
+    family, vae = backend.family, getattr(backend, "vae", None)
+    encoder = (getattr(backend, "text_encoders", None) or [getattr(backend, "text_encoder", None)])[0]
+    tokens = family.text_tokens or encoder.config.max_position_embeddings
+    per_latent = 1 if family.pixel_space or vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    return ModelShapes(backend.name, family, dict(backend.unet.config), [],
+                       None if family.pixel_space or vae is None else dict(vae.config), tokens, per_latent,
+                       backend.latent_shape[-1] * per_latent)
+
+
+_ROW_BYTES: dict[str, RowBytes] = {}
+
+
+def row_bytes(base, resolution: int | None = None, dtype: str = "bf16", eight_bit: bool = True) -> RowBytes:
+    """RowBytes of `base` (anything `describe` takes, or a ModelShapes: backend_shapes) at `resolution`
+    pixels (None: the base's own) in `dtype`, from its configs on the meta device (a second or two the
+    first time, then remembered)."""
+    from diffusers import AutoencoderKL
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    shapes = base if isinstance(base, ModelShapes) else describe(base)
+    resolution = resolution or shapes.sample_size
+    key = json.dumps([shapes.family.key, shapes.unet, shapes.vae, shapes.tokens, shapes.pixels_per_latent, resolution,
+                      dtype, eight_bit], sort_keys=True, default=str)
+    if key not in _ROW_BYTES:
+        torch_dtype = DTYPES[dtype]
+        unet = _meta_denoiser(shapes, torch_dtype).eval()
+        args, kwargs = training_inputs(shapes, resolution, SAMPLE_ROWS, torch_dtype)
+        peak = no_grad_peak(unet, lambda: unet(*args, **kwargs), [*args, *kwargs.values()], eight_bit)
+        vdtype = vae_dtype(shapes, torch_dtype)
+        vae = 0 if shapes.vae is None else \
+            sum(p.numel() for p in _on_meta(AutoencoderKL, shapes.vae).parameters()) * (torch.finfo(vdtype).bits // 8)
+        _ROW_BYTES[key] = RowBytes(-(-peak // SAMPLE_ROWS), vae_decode_workspace(shapes, resolution, vdtype), vae)
+    return _ROW_BYTES[key]
+
+
+def rows_that_fit(cost: RowBytes, free_bytes: int, rows_per_item: int = 1, decode: bool = False,
+                  vae_on_device: bool = True, cap: int = 96, least: int = 1, headroom: float = BATCH_HEADROOM) -> int:
+    """How many items (a report's probe rows: rows_per_item 1; a sweep's images: 2 rows each under
+    classifier-free guidance, then decoded together: `decode`) one call takes in `free_bytes`:
+
+        usable = headroom * free - (the VAE's weights if it must come to the GPU to decode)
+        items  = min(usable / (rows_per_item * denoiser_row),  usable / decode_image if decode)
+
+    the denoising and the decoding come one after the other, so the batch is the smaller of the two;
+    clipped to [least, cap]. Pure arithmetic."""
+    usable = headroom * free_bytes - (cost.vae_weights if decode and not vae_on_device else 0)
+    items = usable // (rows_per_item * max(1, cost.denoiser_row))
+    if decode and cost.decode_image:
+        items = min(items, usable // cost.decode_image)
+    return int(max(least, min(cap, items)))
+
+
+def batch_rows(base, resolution: int | None, dtype: str, free_bytes: int, **fit) -> int:
+    """(base or family, resolution, dtype, free bytes) -> items per call: rows_that_fit(row_bytes(...), ...).
+    `fit`: rows_that_fit's keywords, and eight_bit (default True)."""
+    return rows_that_fit(row_bytes(base, resolution, dtype, fit.pop("eight_bit", True)), free_bytes, **fit)

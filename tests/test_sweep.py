@@ -3,6 +3,8 @@ images shared by sweeps (sample.BaseImages), the sampling defaults."""
 
 import numpy as np
 import pytest
+import torch
+from peft.tuners.lora import LoraLayer
 
 from difflora_kit import cli, sample
 from difflora_kit.config import SampleConfig, TrainConfig
@@ -82,3 +84,78 @@ def test_sampling_defaults_follow_the_base_family(tmp_path):
     cfg = cli._sample_cfg(argparse.Namespace(base=str(folder), **flags))
     assert (cfg.guidance, cfg.rescale, cfg.lora_off_first) == (5.0, 0.0, 0.25)
     assert cli._sample_cfg(argparse.Namespace(base="toy", **{**flags, "guidance": 3.0})).guidance == 3.0
+
+
+def _copies(run) -> int:
+    """How many tensor copies across devices or dtypes (aten._to_copy) `run()` makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.n
+
+
+def test_per_sample_strengths_reach_the_device_once_per_batch_not_once_per_layer(tiny_pair_loras):
+    """The hooks scale every LoRA layer's output; the (n,) strengths are cast (and on a GPU copied) once for
+    the batch and reused by every layer and every later call, until the gate changes them. A bf16 toy
+    denoiser on the CPU makes the cast visible: aten._to_copy counted with and without the hooks."""
+    backend = prepare_base("toy", TrainConfig(eight_bit=False))
+    backend.unet.to(torch.bfloat16)
+    x, t = torch.randn(4, *backend.latent_shape).bfloat16(), torch.full((4,), 500)  # (4, C, H, W)
+    states = backend.encode_prompts(PROMPTS * 2).bfloat16()  # (4, T, D)
+    hooked = []
+    with sample.lora_loaded(backend.unet, tiny_pair_loras[0].lora2) as adapter, torch.no_grad():
+        plain = _copies(lambda: backend.unet(x, t, states))
+        with sample.per_sample_strength(backend.unet, adapter, torch.tensor([0.0, 1.0])) as strengths:
+            layers = sum(1 for m in backend.unet.modules() if isinstance(m, LoraLayer))
+            for _ in range(2):
+                hooked.append(_copies(lambda: backend.unet(x, t, states)) - plain)
+            strengths.set(torch.tensor([2.0, 1.0]))  # new values (the gate opening): one new cast, at the next call
+            hooked.append(_copies(lambda: backend.unet(x, t, states)) - plain)
+            out = backend.unet(x, t, states).sample
+    assert layers > 10 and hooked == [1, 0, 1] and strengths.made == 2
+    with torch.no_grad():  # and it still scales row b by strengths[b % 2]: rows 0, 2 at 2.0, rows 1, 3 at 1.0
+        with sample.lora_loaded(backend.unet, tiny_pair_loras[0].lora2) as adapter, \
+                sample.per_sample_strength(backend.unet, adapter, torch.tensor([2.0, 1.0, 2.0, 1.0])):
+            alone = backend.unet(x, t, states).sample
+    torch.testing.assert_close(out, alone)
+
+
+def test_a_sample_out_of_gpu_memory_says_what_to_lower(tmp_path, capsys, monkeypatch):
+    from difflora_kit.backends.toy import ToyBackend
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(ToyBackend, "generate", out_of_memory)
+    with pytest.raises(sample.SampleOutOfMemory, match=r"a batch of 4 images \(as given\).*max_batch=2"):
+        sample.sweep(prepare_base("toy", TrainConfig()), None, PROMPTS, [0, 1], [0.0], SampleConfig(steps=2), max_batch=4)
+    code = cli.main(["sample", "--prompt", PROMPTS[0], "--seeds", "0,1,2", "--scales", "0,1", "--max-batch", "6",
+                     "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the GPU ran out of memory sampling a batch of 6 images" in err
+    assert "--max-batch 3" in err and "no LoRA file was changed" in err and not (tmp_path / "g.png").exists()
+
+
+def test_the_gate_sets_the_strengths_only_when_it_turns():
+    wanted = torch.tensor([1.0, 3.0])
+    live = sample.Strengths(wanted)
+    on_step, seen, sets = sample.start_noise_gate(wanted, live, SampleConfig(steps=6, lora_off_first=0.5)), [], []
+    real_set = live.set
+    live.set = lambda values: sets.append(1) or real_set(values)
+    for i in range(6):
+        on_step(i)
+        seen.append(live.values.tolist())
+    assert seen == [[0.0, 0.0]] * 3 + [[1.0, 3.0]] * 3 and len(sets) == 2  # off at step 0, on at step 3
+    ungated = sample.Strengths(wanted)
+    always = sample.start_noise_gate(wanted, ungated, SampleConfig(steps=6))
+    for i in range(6):
+        always(i)
+    assert ungated.values.tolist() == [1.0, 3.0] and ungated.made == 0
