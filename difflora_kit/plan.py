@@ -20,7 +20,7 @@ compute, a few seconds even for FLUX):
     no-grad workspace   what a forward pass without gradients holds at once (encoding a prompt, the VAE
                         encoding or decoding one image, a sampling batch): the real class run on meta
                         tensors, every tensor counted from the op that makes it until its last reference
-                        goes (_LiveBytes); on a sampling batch, each 8-bit linear's CUDA temporaries on top
+                        goes (_LiveBytes); on a sampling batch, each 8-bit linear's dequantized weight on top
 
 A phase's peak is the sum of its components (of those that run one after another, the largest). The
 phases of a stage, in the order they run (encode first: pair.prepare_base):
@@ -316,13 +316,12 @@ class _LiveBytes(TorchDispatchMode):
 
 
 def int8_matmul_temporaries(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> int:
-    """Device bytes one 8-bit linear (quant.FrozenInt8Matmul on CUDA: bitsandbytes' int8 path) holds beside
-    its input and output at its worst moment: the input in fp16 (unless it is fp16: 2 rows in), its int8
-    codes (rows in) and row scales (4 rows), the int32 product (4 rows out) and its fp16 dequantized copy
-    before the cast to `dtype` (2 rows out, unless dtype is fp16: then that is the output itself)."""
-    half = dtype == torch.float16
-    return (0 if half else 2 * rows * in_features) + rows * in_features + 4 * rows + 4 * rows * out_features + \
-        (0 if half else 2 * rows * out_features)
+    """Device bytes one 8-bit linear (quant.FrozenInt8Matmul, weight-only on every device) holds beside its
+    input and output at its worst moment: its weight dequantized to `dtype` (out*in elements, freed after the
+    matmul) and the row scales' 1/127 multiple (4 bytes a row of the weight). `rows` does not enter: the
+    activations are never quantized (bitsandbytes' CUDA int8 path, which the kit does not take, would hold
+    their fp16 and int8 copies and an int32 product instead)."""
+    return in_features * out_features * torch.empty(0, dtype=dtype).element_size() + 4 * out_features
 
 
 def no_grad_peak(model: nn.Module, run, inputs=(), eight_bit: bool = False) -> int:
