@@ -6,6 +6,15 @@ bitsandbytes' row-wise int8 ("LLM.int8()" without outliers, threshold 0):
 A preset LoRA enters this base in one of three ways (difflora_kit.preset): fused into the
 full-precision weights while quantizing (kernel merge_quantize), re-merged into the int8 weights
 (kernel remerge_int8), or kept beside them as a frozen adapter.
+
+The base is *weight-only* on every device (W8A16, or W8A32 in fp32): each call dequantizes the
+int8 weight to the input's dtype and multiplies in that dtype; the activations are never quantized.
+bitsandbytes' own Linear8bitLt does that on a CPU in train mode, but on CUDA it quantizes every
+input row to int8 as well (W8A8, int32 accumulate, fp16 out), which the kit does not: every claim of
+the kit was measured with weight-only arithmetic, and a diffusion model's activations carry outlier
+channels that row-wise int8 activations crush (bench/w8a8_cost.py measures what W8A8 would cost:
+bench/results/w8a8_cost.md). Peers keep the base weight-only too: DiffSynth-Studio (fp8 weights,
+bf16 compute), ai-toolkit (qfloat8 weights), kohya's sd-scripts (--fp8_base).
 """
 
 from __future__ import annotations
@@ -19,45 +28,51 @@ from torch import nn
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an eval-mode cast warning on every call
 
 
+def dequantize(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W = CB * SCB[:, None] / 127 in `dtype`: CB int8 (out, in), SCB fp32 (out,) -> (out, in).
+
+    bitsandbytes' own op order (its weight-only matmul MatMul8bitFp, and MatMul8bitLt's input
+    gradient): the int8 codes cast to `dtype`, times the fp32 row scale / 127, rounded to `dtype`."""
+    return CB.to(dtype, copy=True).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
+
+
 class FrozenInt8Matmul(torch.autograd.Function):
-    """y = x @ W.T + b for a frozen row-wise int8 weight W ~= CB * SCB[:, None] / 127, keeping nothing
-    of x for the backward pass: with W frozen, dL/dx = dL/dy @ W needs only W.
+    """y = x @ W.T + b for a frozen row-wise int8 weight W = dequantize(CB, SCB, x.dtype), keeping
+    nothing of x for the backward pass: with W frozen, dL/dx = dL/dy @ W needs only W.
+
+        x (..., in) -> y (..., out); CB int8 (out, in); SCB fp32 (out,); bias (out,) or None, frozen
+
+    Weight-only on every device, forward and backward alike: the int8 weight is dequantized to x's
+    dtype at each call (a temporary of out*in elements, freed after the matmul: no full-precision copy
+    lives between calls) and multiplied in that dtype; x itself is never quantized (module docstring:
+    why not bitsandbytes' int8 activations on CUDA). On a CPU this is bitsandbytes' own train-mode
+    path op for op, so outputs and gradients equal Linear8bitLt's bit for bit there.
 
     bitsandbytes' own matmul keeps x as a plain attribute of its autograd context whenever x needs a
     gradient (for a weight gradient that a frozen base never needs); outside autograd's saved tensors,
     so gradient checkpointing cannot drop it either. Under a LoRA that is one more copy of every
-    linear's input for the whole forward pass (difflora_kit.plan counts the difference).
-
-        x (..., in) -> y (..., out); CB int8 (out, in); SCB fp32 (out,); bias (out,) or None, frozen
-    The arithmetic is bitsandbytes' own: on CUDA its int8 matmul (activations quantized row-wise to
-    int8, int32 accumulate, scaled back), elsewhere its weight-only path (dequantize, then a float
-    matmul), op for op, so outputs equal Linear8bitLt's bit for bit."""
+    linear's input for the whole forward pass (difflora_kit.plan counts the difference)."""
 
     @staticmethod
     def forward(ctx, x, CB, SCB, bias):
         ctx.save_for_backward(CB, SCB)  # the weight: nothing of x
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        if x.device.type == "cuda":
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.float16).contiguous()  # (N, in): the CUDA ops read row-major memory
-            CA, SCA, _ = bnb.functional.int8_vectorwise_quant(x2)
-            y = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=x.dtype)  # (N, out)
-            return y.reshape(*x.shape[:-1], CB.shape[0])
-        W = CB.to(x.dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
-        return torch.nn.functional.linear(x, W, bias)
+        return torch.nn.functional.linear(x, dequantize(CB, SCB, x.dtype), bias)  # (..., in) -> (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
         CB, SCB = ctx.saved_tensors
-        W = CB.to(ctx.x_dtype, copy=True).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
-        grad_x = torch.matmul(grad_y.to(ctx.x_dtype), W).reshape(ctx.x_shape)  # (..., in)
+        W = dequantize(CB, SCB, ctx.x_dtype)  # (out, in)
+        grad_x = torch.matmul(grad_y.to(ctx.x_dtype), W).reshape(ctx.x_shape)  # (..., out) @ (out, in) -> (..., in)
         return grad_x, None, None, None
 
 
 class Int8Linear(bnb.nn.Linear8bitLt):
-    """bitsandbytes' Linear8bitLt (int8 weights, threshold 0) for a frozen base:
-    - it computes the same in train and eval mode (on CPU bitsandbytes multiplies with the dequantized
-      weights in train mode but quantizes the activations to int8 in eval mode, so a model sampled
-      after `.eval()` differed from the model it was trained as);
+    """bitsandbytes' Linear8bitLt (int8 weights, threshold 0) for a frozen base, weight-only:
+    - it computes the same on every device, in train and eval mode: the int8 weight dequantized to the
+      input's dtype, then a float matmul (FrozenInt8Matmul). bitsandbytes' own layer does that only on
+      a CPU in train mode; in eval mode, and on CUDA always, it quantizes the activations to int8 too,
+      so a model sampled after `.eval()`, or trained on a GPU, differed from the one measured here;
     - it keeps nothing of its input for the backward pass (FrozenInt8Matmul).
     peft sees a Linear8bitLt and wraps it as usual; the weight and bias never get gradients."""
 

@@ -10,9 +10,12 @@ import torch
 
 from difflora_kit import doctor
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # int8_emulation
+
 ROOT = Path(__file__).resolve().parents[1]
-CPU_PASSES = ["int8 quantization vs bitsandbytes", "int8 linear vs bitsandbytes [float32]",
-              "int8 linear vs fp32 matmul [float32]", "merge_quantize [fp32 W] interpreted",
+CPU_PASSES = ["int8 quantization vs bitsandbytes", "int8 linear vs bitsandbytes [fp32, gaussian]",
+              "int8 linear vs fp32 matmul [fp32, gaussian]", "int8 linear vs bitsandbytes [fp32, outlier 100x]",
+              "int8 linear vs fp32 matmul [fp32, outlier 100x]", "merge_quantize [fp32 W] interpreted",
               "merge_quantize [fp16 W] interpreted", "remerge_int8 [int8 base] interpreted",
               "dequant_merge [-> fp32] interpreted", "dequant_merge [-> fp16] interpreted",
               "sweep: 3 strengths batched vs alone [cpu]"]
@@ -124,6 +127,8 @@ def test_the_doctor_passes_on_the_gpu():
     assert doctor.run(out=lines.append) == 0, "\n".join(lines)
     skips = [line for line in lines if line.startswith("SKIP")]
     assert all("bf16" in line for line in skips), skips  # only bf16 merges on a card without bf16 (sm75)
+    infos = [line for line in lines if line.startswith("INFO")]
+    assert infos and all("int8 linear vs bitsandbytes" in line for line in infos), infos
 
 
 
@@ -137,3 +142,121 @@ def test_difflora_doctor_is_a_cli_command_passing_on_its_exit_code(capsys):
         pytest.skip("checks the exit code on a machine without CUDA")
     assert cli.main(["doctor", "--device", "cuda"]) == 2
     assert "difflora doctor" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the 8-bit linear check
+def test_the_int8_linear_check_reaches_cublaslt_shapes_and_an_outlier_channel():
+    """Issue 18, finding 6: the check used nn.Linear(131, 67) with Gaussian inputs, which bitsandbytes'
+    int8 matmul sends to its fp32 fallback (131 % 4 != 0), never cuBLASLt, and no outliers."""
+    in_, out = doctor.LINEAR_SHAPE
+    assert in_ % 16 == 0 and out % 16 == 0
+    x, grad = doctor.linear_inputs(torch.float32, True, "cpu")
+    magnitude = x.detach().abs().flatten(0, 1).median(dim=0).values  # (in,) per channel
+    others = magnitude[torch.arange(in_) != doctor.OUTLIER[0]].median()
+    assert float(magnitude[doctor.OUTLIER[0]] / others) > 50
+    assert grad.shape == (*x.shape[:-1], out)
+
+
+def test_the_int8_linear_check_fails_a_layer_that_quantizes_its_activations(monkeypatch):
+    """bitsandbytes' CUDA arithmetic (int8 activations, bench/int8_emulation.py) put into the kit's layer:
+    the outlier case FAILs against the fp32 matmul; the weight-only layer passes both cases."""
+    import int8_emulation
+
+    good = doctor.check_int8_linear("cpu", torch.float32)
+    assert [r.status for r in good] == ["PASS"] * 4, [r.lines() for r in good]
+    with int8_emulation.w8a8_layers():
+        bad = {r.name: r for r in doctor.check_int8_linear("cpu", torch.float32)}
+    outlier = bad["int8 linear vs fp32 matmul [fp32, outlier 100x]"]
+    assert outlier.status == "FAIL" and "tol 1.0e-05" in outlier.detail
+    assert bad["int8 linear vs bitsandbytes [fp32, outlier 100x]"].status == "FAIL"  # CPU: a check
+
+
+# ----------------------------------------------------------------------------- the dispatch rule (finding 4)
+@pytest.fixture
+def card(interpreted, monkeypatch):
+    """A stand-in card: the interpreted kernels run on CPU tensors while the dispatch ("auto") is told
+    they are on a CUDA card of the capability the test sets (torch.cuda.get_device_capability)."""
+    lm = interpreted
+    monkeypatch.setattr(lm, "auto_choice", lambda tensor, out_dtype=None: lm.triton_choice(
+        torch.cuda.get_device_capability(), (tensor.dtype, out_dtype)))
+    monkeypatch.setattr(lm, "_FAILED", {}, raising=False)  # a fallback recorded here stays here
+
+    def set_capability(cap):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+        return cap
+
+    return lm, set_capability
+
+
+def _broken_build(monkeypatch, lm):
+    def fails(*args, **kwargs):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_75 (a Triton build error)")
+
+    monkeypatch.setattr(lm, "_launch_quant", fails)
+
+
+CASES = [("merge_quantize", torch.float32), ("merge_quantize", torch.bfloat16), ("remerge_int8", None)]
+
+
+def test_a_kernel_that_cannot_build_on_sm75_is_a_warning_not_a_fail(card, monkeypatch):
+    """A T4 (sm75, unsupported upstream) where Triton cannot build: backend='auto' falls back to the
+    reference there, so the doctor warns (exit code 0) instead of blocking the learner; bf16, which
+    "auto" never sends to Triton on sm75, is a SKIP with the reason."""
+    lm, set_capability = card
+    cap = set_capability((7, 5))
+    _broken_build(monkeypatch, lm)
+    results = {r.name: r for r in doctor.check_merge_kernels("cpu", capability=cap, cases=CASES)}
+    quantize, bf16, remerge = (results[doctor.merge_name(k, d, False)] for k, d in CASES)
+    for r in (quantize, remerge):
+        assert r.status == "WARN", r.lines()
+        assert "RuntimeError: PTX" in r.detail and "falls back to the PyTorch reference" in r.detail
+        assert r.lines()[1].lstrip().startswith("-> the kit merges with the PyTorch reference")
+    assert bf16.status == "SKIP" and "sm75 has no bf16" in bf16.detail
+
+
+def test_a_card_older_than_sm75_skips_every_kernel(card):
+    lm, set_capability = card
+    cap = set_capability((7, 0))
+    results = doctor.check_merge_kernels("cpu", capability=cap, cases=CASES)
+    assert [r.status for r in results] == ["SKIP"] * len(CASES)
+    assert all("older than sm75" in r.detail for r in results)
+
+
+@pytest.mark.parametrize("cap", [(7, 5), (8, 0), (9, 0)])
+def test_a_wrong_kernel_result_is_a_fail_on_every_card(card, monkeypatch, cap):
+    """"auto" would use a kernel that runs and is wrong: a FAIL, on sm75 as on sm80+."""
+    lm, set_capability = card
+    set_capability(cap)
+    launch = lm._launch_quant
+
+    def corrupted(*args, **kwargs):
+        cb, scb = launch(*args, **kwargs)
+        cb[3] = -cb[3]
+        return cb, scb
+
+    monkeypatch.setattr(lm, "_launch_quant", corrupted)
+    (result,) = doctor.check_merge_kernels("cpu", capability=cap, cases=[("merge_quantize", torch.float32)])
+    assert result.status == "FAIL" and "LSB" in result.detail
+
+
+def test_a_kernel_that_cannot_build_on_sm80_follows_what_auto_does_there(card, monkeypatch):
+    """On sm80+ the doctor reports what the dispatch does with a build error: a WARN where
+    backend='auto' falls back to the reference, a FAIL (naming DIFFLORA_MERGE_KERNELS=torch) where it
+    raises."""
+    lm, set_capability = card
+    cap = set_capability((8, 0))
+    _broken_build(monkeypatch, lm)
+    W, A, B = torch.randn(67, 131), torch.randn(5, 131), torch.randn(67, 5)
+    try:
+        with pytest.warns(RuntimeWarning):
+            lm.merge_quantize(W, A, B, 0.5, backend="auto")
+        auto_falls_back = True
+    except RuntimeError:
+        auto_falls_back = False
+    (result,) = doctor.check_merge_kernels("cpu", capability=cap, cases=[("merge_quantize", torch.float32)])
+    assert "RuntimeError: PTX" in result.detail
+    if auto_falls_back:
+        assert result.status == "WARN" and "falls back" in result.detail
+    else:
+        assert result.status == "FAIL" and "raises it too" in result.detail
+        assert "DIFFLORA_MERGE_KERNELS=torch" in result.lines()[1]
