@@ -33,12 +33,12 @@ How it works
                the system's g++, cached under DIFFLORA_STAND_IN_CACHE or ~/.cache) registers both; the
                hooks are read once when torch is imported, so it must be loaded first.
 
-What it covers (tests/test_cuda_rehearsal.py): every op the kit runs with device="cuda" in the toy
+What it covers (tests/test_cuda_rehearsal.py, tests/test_notebooks_on_cuda.py): every op the kit runs with device="cuda" in the toy
 training step (8-bit base streamed in, preset fused by the merge kernels, AdamW, gradient
 checkpointing, block swap with its side stream and pinned copies), a batched sweep, the health report
 and notebooks run with DEVICE="cuda"; the branches taken only where torch.cuda.is_available() (the
-compute dtype rule: fp16 below sm80, bf16 from sm80; the merge kernels' dispatch; bitsandbytes'
-CUDA-side code in quant.FrozenInt8Matmul), each with real values.
+compute dtype rule: fp16 below sm80, bf16 from sm80; the merge kernels' dispatch; fp16 loss scaling;
+block swap's pinned host buffers), each with real values.
 
 What it cannot cover, and why
     - Anything inside a CUDA library: cuBLAS(Lt), cuDNN, bitsandbytes' CUDA kernels (their CPU
