@@ -774,8 +774,7 @@ class RowBytes:
 def backend_shapes(backend) -> ModelShapes:
     """The ModelShapes of a loaded backend, from its own modules' configs (no folder, no download): its
     denoiser's config, its VAE's (None in pixel space), its text tokens, its latent size."""
-    family, vae = backend.family, getattr(backend, "vae", None)
-    encoder = (getattr(backend, "text_encoders", None) or [getattr(backend, "text_encoder", None)])[0]
+    family, vae, encoder = backend.family, backend.vae, backend.text_encoders[0]
     tokens = family.text_tokens or encoder.config.max_position_embeddings
     per_latent = 1 if family.pixel_space or vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
     return ModelShapes(backend.name, family, dict(backend.unet.config), [],

@@ -154,7 +154,7 @@ def batch_size(backend, rows_per_item: int = 2, decode: bool = True, cap: int = 
         warnings.warn(f"the memory plan could not size the batch ({type(e).__name__}: {e}): {least} at a time; "
                       "give max_batch to choose", stacklevel=2)
         return least
-    vae = getattr(backend, "vae", None)
+    vae = backend.vae
     on_device = vae is None or next(vae.parameters()).device == backend.device
     return plan.rows_that_fit(cost, free, rows_per_item, decode, on_device, cap, least)
 

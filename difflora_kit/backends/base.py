@@ -32,6 +32,10 @@ class Backend(abc.ABC):
     """The training noise schedule (a diffusers scheduler: DDPM, or flow matching)."""
     device: torch.device
     name: str = ""
+    vae: nn.Module | None = None
+    """The VAE (None: a pixel-space family, the toy)."""
+    text_encoders: tuple[nn.Module, ...] | list[nn.Module] = ()
+    """The text encoders, in the order they encode (the toy: its one CLIP text model)."""
     default_targets: tuple[str, ...] | None = None
     """LoRA target suffixes of this family when the user keeps config.DEFAULT_TARGETS (the UNet's);
     None: the UNet defaults fit."""

@@ -30,6 +30,7 @@ class ToyBackend(UNetPlan, Backend):
                  scheduler: DDPMScheduler, name: str = "toy", info: dict | None = None):
         self.unet = unet
         self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.text_encoders = [self.text_encoder]
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.name = name
