@@ -37,7 +37,7 @@ import torch
 from . import diffusion, sample
 from .files import atomic_file
 from .lora import LoraFile
-from .plan import OutOfMemoryAdvice
+from .plan import OutOfMemoryAdvice, error_line
 
 TRANSFERS = "transfers"
 NO_EFFECT = "no effect on other prompts"
@@ -138,7 +138,7 @@ class ReportOutOfMemory(OutOfMemoryAdvice):
 
 def out_of_memory_message(rows: int, error: BaseException) -> str:
     """What to do after the report's denoiser calls of up to `rows` rows ran out of GPU memory."""
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    first = error_line(error)
     return (f"the GPU ran out of memory in the health report's denoiser calls of up to {rows} rows: {first}. Run it "
             f"with fewer rows per call (health.HealthConfig(max_batch={max(2, rows // 2)}), 2 at the least), on a GPU "
             "with nothing else on it; or leave it out (--no-report).")

@@ -130,9 +130,8 @@ def train_share(rows: list[dict], images: list[tuple], cfg: TrainConfig, base: B
         entry = pair.index_entry(i, row, result)
         if report:
             final = (shown or folder) / name
-            redo = (f"from difflora_kit import health, pair_files; pair_files.report_on_file("
-                    f"{str(final / 'lora2.safetensors')!r}, {str(row['image2'])!r}, {row['prompt']!r}, {str(base)!r}, "
-                    f"health_cfg=health.HealthConfig(max_batch=2){'' if cfg.eight_bit else ', eight_bit=False'})")
+            redo = pair_files.redo_call(final / "lora2.safetensors", row["image2"], row["prompt"], base,
+                                        final / "report.json", cfg, resize=False)
             figures, error = pair_files.report_or_warn(
                 paths[1], result.lora2, base, cfg, row["prompt"], image2, folder / name / "report.json", redo,
                 also=f" (LoRA 1 beside it; {shown or folder} appears when every pair is done)",

@@ -91,8 +91,9 @@ def report_failure(path: Path, report_path: Path, error: BaseException, redo: st
     return "\n".join(lines)
 
 
-def _redo_call(path: Path, image2, prompt: str, base, report_path: Path, cfg: TrainConfig, resize: bool) -> str:
-    """The report_on_file call of a failed report, ready to paste (an image given as an array: IMAGE2)."""
+def redo_call(path: Path, image2, prompt: str, base, report_path: Path, cfg: TrainConfig, resize: bool) -> str:
+    """The report_on_file call of a failed report, ready to paste (an image given as an array: IMAGE2);
+    the `redo` of report_or_warn."""
     image = repr(str(image2)) if isinstance(image2, (str, Path)) else "IMAGE2"
     extra = ("" if cfg.eight_bit else ", eight_bit=False") + (", resize=True" if resize else "")
     return (f"from difflora_kit import health, pair_files; pair_files.report_on_file({str(path)!r}, {image}, "
@@ -203,7 +204,7 @@ def train_stage_to_file(out: Path, image: Path | np.ndarray, prompt: str, cfg: T
     finish(out, result.lora, ckpt)  # the LoRA on disk before anything else runs
     if report_path is None:
         return WrittenStage(out, result)
-    redo = _redo_call(out, given, prompt, base, report_path, cfg, resize)
+    redo = redo_call(out, given, prompt, base, report_path, cfg, resize)
     figures, error = report_or_warn(out, result.lora, base, cfg, prompt, image, report_path, redo)
     return WrittenStage(out, result, figures, report_path if figures is not None else None, error)
 
@@ -261,7 +262,7 @@ def train_pair_to_folder(out: Path, image1: Path | np.ndarray, image2: Path | np
     finish(paths[1], step2.lora, checkpoint_path(paths[1]))  # LoRA 2 on disk before the report runs
     if report_path is None:
         return WrittenPair(paths, lora1, step1, step2)
-    redo = _redo_call(paths[1], given[1], prompt, base, report_path, cfg, resize)
+    redo = redo_call(paths[1], given[1], prompt, base, report_path, cfg, resize)
     figures, error = report_or_warn(paths[1], step2.lora, base, cfg, prompt, image2, report_path, redo,
                                     also=f" (LoRA 1 at {paths[0]})")
     return WrittenPair(paths, lora1, step1, step2, figures, report_path if figures is not None else None, error)

@@ -728,9 +728,15 @@ class OutOfMemoryAdvice(RuntimeError):
     pass
 
 
+def error_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of `error`'s message (at most `limit` characters), or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def out_of_memory_message(plan_args: dict, error: BaseException) -> str:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    lines = [f"the GPU ran out of memory ({first[:200]}). This step's LoRA was not written; a checkpoint written "
+    first = error_line(error)
+    lines = [f"the GPU ran out of memory ({first}). This step's LoRA was not written; a checkpoint written "
              "before is kept: the same command with --resume --gradient-checkpointing continues it (other changes start over)."]
     try:
         plan = plan_memory(**plan_args)

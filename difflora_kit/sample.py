@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
 
+from . import plan
 from .config import SampleConfig
 from .lora import PREFIX, LoraFile, active_presets
-from .plan import OutOfMemoryAdvice
+from .plan import OutOfMemoryAdvice, error_line
 
 SWEEP_ADAPTER = "difflora_sweep"
 MAX_BATCH = 96
@@ -145,8 +146,6 @@ def batch_size(backend, rows_per_item: int = 2, decode: bool = True, cap: int = 
     free = free_device_bytes(backend.device)
     if free is None:
         return cap
-    from . import plan
-
     try:
         cost = plan.row_bytes(plan.backend_shapes(backend), None, plan.DTYPE_NAMES.get(backend.unet.dtype, "fp32"),
                               _eight_bit(backend.unet))
@@ -163,7 +162,8 @@ def _eight_bit(unet: torch.nn.Module) -> bool:
     """Whether the denoiser's linears are the kit's 8-bit ones (their CUDA temporaries count per row)."""
     from .quant import int8_linear_class
 
-    return any(isinstance(m, int8_linear_class()) for m in unet.modules())
+    int8 = int8_linear_class()
+    return any(isinstance(m, int8) for m in unet.modules())
 
 
 class SampleOutOfMemory(OutOfMemoryAdvice):
@@ -173,7 +173,7 @@ class SampleOutOfMemory(OutOfMemoryAdvice):
 def out_of_memory_message(images: int, max_batch: int | None, error: BaseException) -> str:
     """What to do after a sampling batch of `images` ran out of GPU memory (`max_batch`: as given, None: sized
     to the free memory)."""
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    first = error_line(error)
     smaller = max(1, images // 2)
     how = "as given" if max_batch is not None else "sized to the GPU memory free when it started"
     return (f"the GPU ran out of memory sampling a batch of {images} images ({how}): {first}. Nothing was written, "
