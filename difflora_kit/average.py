@@ -29,7 +29,6 @@ products,
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import statistics
@@ -37,7 +36,7 @@ import warnings
 
 import torch
 
-from .lora import PREFIX, LoraFile, LoraMismatchError, module_deltas
+from .lora import PREFIX, LoraFile, LoraMismatchError, module_deltas, unit_scale_config
 
 # ---------------------------------------------------------------------------------- checks
 
@@ -78,15 +77,9 @@ def module_ranks(lora: LoraFile) -> dict[str, int]:
 
 
 def rank_config(config: dict, ranks: dict[str, int]) -> dict:
-    """A peft config for a LoRA whose scale alpha/r is 1 in every module, with per-module ranks.
-
-    The most common rank becomes r (ties: the larger); the others go to rank_pattern, with the
-    same numbers in alpha_pattern so that alpha/r stays 1 (diffusers' `load_lora_adapter` and
-    `LoraFile.scaling` both read them)."""
-    counts = collections.Counter(ranks.values())
-    r = max(counts, key=lambda k: (counts[k], k))
-    pattern = {name: k for name, k in sorted(ranks.items()) if k != r}
-    return {**config, "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern)}
+    """A peft config for a LoRA whose scale alpha/r is 1 in every module, with per-module ranks
+    (lora.unit_scale_config: the form every file the kit writes is in)."""
+    return unit_scale_config(config, ranks)
 
 
 def _tensors(name: str, A: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:

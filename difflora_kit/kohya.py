@@ -60,6 +60,24 @@ BFL_BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE_BLOCK),
 MLP_RATIO = 4  # FluxSingleTransformerBlock's mlp_ratio: proj_mlp is (4 dim, dim), q, k and v are (dim, dim)
 
 
+# sd-scripts' `ss_base_model_version` of the kit's families (library/model_util.py, sdxl_model_util.py,
+# flux_utils.py): AUTOMATIC1111 lists a LoRA as SDXL when it starts with "sdxl_", else as SD 1.
+BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "difflora-toy": "difflora_toy"}
+# the same, read from a UNet LoRA's cross-attention width (attn2.to_k's input) when the family is not recorded
+CROSS_ATTENTION_VERSIONS = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
+
+
+def base_model_version(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], family: str | None = None) -> str:
+    """kohya's `ss_base_model_version` of a LoRA: from the kit's family key when known, else from its
+    modules (FLUX's names, a UNet's cross-attention width); "" when neither tells."""
+    if family in BASE_MODEL_VERSIONS:
+        return BASE_MODEL_VERSIONS[family]
+    if is_flux(modules):
+        return BASE_MODEL_VERSIONS["flux"]
+    widths = {A.shape[1] for name, (A, _) in modules.items() if name.endswith("attn2.to_k")}
+    return next((CROSS_ATTENTION_VERSIONS[w] for w in widths if w in CROSS_ATTENTION_VERSIONS), "")
+
+
 def is_kohya(keys: Iterable[str]) -> bool:
     return any(k.startswith(KOHYA_PREFIX) for k in keys)
 
@@ -180,7 +198,7 @@ def to_kohya(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], scalings: di
             tensors[f"{key}{DOWN}"], tensors[f"{key}{UP}"] = down, up
             tensors[f"{key}{ALPHA}"] = torch.tensor(float(down.shape[0]))
     header = {"ss_network_module": "networks.lora_flux" if is_flux(modules) else "networks.lora",
-              "ss_network_dim": str(R), "ss_network_alpha": str(R), "ss_base_model_version": str(meta.get("base", "")),
+              "ss_network_dim": str(R), "ss_network_alpha": str(R), "ss_base_model_version": base_model_version(modules, meta.get("family")),
               **{f"difflora.{k}": str(v) for k, v in meta.items()}}
     return tensors, header
 

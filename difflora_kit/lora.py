@@ -9,14 +9,18 @@ For a convolution, A is itself a conv (r, in, kh, kw) and B a 1x1 conv (out, r, 
 update is (B.flatten(1) @ A.flatten(1)).view(out, in, kh, kw).
 
 Files: safetensors with diffusers' key names ("unet.<module>.lora_A.weight"), peft's config
-under "lora_adapter_metadata" (so `unet.load_lora_adapter(path, prefix="unet")` and
-`pipe.load_lora_weights(path)` rebuild the same rank and alpha), and the kit's own metadata
-(stage, base, rank, alpha, preset hash, image hashes, version) under "difflora.*" keys.
+under "lora_adapter_metadata", and the kit's own metadata (stage, base, rank, the training alpha,
+preset hash, image hashes, version) under "difflora.*" keys. The strength is in the weights: every
+file is written with alpha / r folded into B and alpha = r (fold_scale), so the loaders that ignore
+the header (`unet.load_lora_adapter(path, prefix="unet")` with a plain path, ComfyUI, DiffSynth-Studio)
+apply it at the same strength as `pipe.load_lora_weights(path)`. Older files (alpha != r in the header)
+are read as before: their scale from the header.
 kohya's keys (ComfyUI, AUTOMATIC1111) are converted by kohya.py: `save_kohya` writes them, `load` reads them.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -147,7 +151,37 @@ def adapter_state(unet: nn.Module, name: str = "difflora") -> tuple[dict[str, to
     tensors = {f"{PREFIX}.{k}": file_tensor(v) for k, v in sd.items()}
     config = unet.peft_config[name].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    return tensors, json.loads(json.dumps(config, default=str))
+    folded = fold_scale(LoraFile(tensors, json.loads(json.dumps(config, default=str)), {}))
+    return folded.tensors, folded.config
+
+
+def unit_scale_config(config: dict, ranks: dict[str, int]) -> dict:
+    """A peft config whose scale alpha / r is 1 in every module, with per-module ranks `ranks` {module: rank}.
+
+    The most common rank becomes r (ties: the larger); the others go to rank_pattern, with the same
+    numbers in alpha_pattern (diffusers' `load_lora_adapter` and `LoraFile.scaling` read both)."""
+    counts = collections.Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k))
+    pattern = {name: k for name, k in sorted(ranks.items()) if k != r}
+    return {**config, "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern)}
+
+
+def fold_scale(lora: LoraFile) -> LoraFile:
+    """The same LoRA with each module's alpha / r folded into its B and alpha = r everywhere.
+
+        B' = (alpha / r) * B,  alpha' = r:   (alpha' / r) * B' @ A = (alpha / r) * B @ A   (same deltas)
+
+    Every file the kit writes is in this form: a loader that ignores the header's lora_alpha (diffusers'
+    `load_lora_adapter` given a plain path, ComfyUI and DiffSynth-Studio for peft keys) reads scale 1,
+    which is then right. A LoRA already at scale 1 everywhere is returned as it is."""
+    modules = lora.modules()
+    if all(lora.scaling(n) == 1.0 for n in modules):
+        return lora
+    tensors = dict(lora.tensors)
+    for name, (_, B) in modules.items():
+        tensors[f"{PREFIX}.{name}.lora_B.weight"] = B * lora.scaling(name)  # (out, r[, 1, 1])
+    ranks = {name: int(A.shape[0]) for name, (A, _) in modules.items()}
+    return LoraFile(tensors, unit_scale_config(lora.config, ranks), dict(lora.meta))
 
 
 def file_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -165,7 +199,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save(path: Path, lora: LoraFile) -> None:
-    """Write a LoRA file atomically (never a half-written file under the final name)."""
+    """Write a LoRA file atomically (never a half-written file under the final name), its scale folded
+    into B (fold_scale: alpha = r in the header, so a loader that ignores the header gets it right too)."""
+    lora = fold_scale(lora)
     prefix = file_prefix(lora)
     meta = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in lora.config.items()})}
     meta.update({f"difflora.{k}": str(v) for k, v in {**lora.meta, "kit_version": __version__}.items()})

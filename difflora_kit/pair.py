@@ -88,7 +88,8 @@ def train_stage(image: np.ndarray, prompt: str, cfg: TrainConfig, base: str | Pa
 
 
 def _train(backend, image, prompt, cfg, base, preset, progress, checkpoint, resume) -> TrainResult:
-    meta = {"stage": 2 if preset is not None else 1, "base": str(base), "base_digest": backends.base_digest(base),
+    meta = {"stage": 2 if preset is not None else 1, "base": str(base), "family": base.family.key,
+            "base_digest": backends.base_digest(base),
             "prompt": prompt, "image_digest": image_digest(image),
             "preset_digest": preset.digest() if preset is not None else "", "preset_scale": cfg.preset_scale if preset else "",
             "preset_mode": cfg.preset_mode if preset else ""}

@@ -94,3 +94,15 @@ def test_kohya_import_round_trips_and_serves_as_a_preset(tiny_sd15, random_lora,
     assert set(lora.load(out).modules()) == set(want)
     assert cli.main(["convert", str(path), "--to", "kohya", "--out", str(out), "--base", str(tiny_sd15)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, width, version", [("sd15", 32, "sd_v1"), ("sdxl", 32, "sdxl_base_v1-0"),
+                                                    (None, 768, "sd_v1"), (None, 2048, "sdxl_base_v1-0"), (None, 32, "")])
+def test_the_header_carries_kohyas_own_base_model_version(family, width, version):
+    """AUTOMATIC1111 lists a LoRA whose ss_base_model_version does not start with "sdxl_" as SD 1: the
+    kit writes sd-scripts' values, from the family it recorded, else from the cross-attention width."""
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    modules = {name: (torch.randn(4, width), torch.randn(16, 4))}
+    meta = {"base": "stabilityai/some-hub-id", **({"family": family} if family else {})}
+    _, header = kohya.to_kohya(modules, {name: 1.0}, meta)
+    assert header["ss_base_model_version"] == version
