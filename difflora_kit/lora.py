@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__, kohya
+from . import __version__, kohya, lora_match
 from .backends import registry
 from .files import atomic_file, check_lora_path
 
@@ -312,24 +312,34 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor
     return scale * delta.view(B.shape[0], *A.shape[1:])
 
 
+def lora_shapes(lora: LoraFile) -> dict[str, tuple[int, int]]:
+    """{module: (out, in)} of a LoRA: the weight shape each of its modules changes."""
+    return {name: (int(B.shape[0]), int(A.shape[1])) for name, (A, B) in lora.modules().items()}
+
+
+def weight_shapes(unet: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{module: weight shape} of every module of the denoiser with a weight (a meta-device one will do)."""
+    shapes = {}
+    for name, module in unet.named_modules():
+        weight = getattr(module, "weight", None)
+        if name and isinstance(weight, torch.Tensor):
+            shapes[name] = tuple(weight.shape)
+    return shapes
+
+
 def check_fits(unet: nn.Module, lora: LoraFile) -> dict[str, nn.Module]:
-    """{name: module} for every LoRA module; a clear error naming missing or mismatched keys."""
-    modules = dict(unet.named_modules())
-    missing = sorted(n for n in lora.modules() if n not in modules)
-    if missing:
-        preview = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+    """{name: module} for every LoRA module; a LoraMismatchError when any module does not fit (none or only
+    some: a LoRA applied in part has part of its effect, silently), saying how many, which and why."""
+    found = lora_match.match(lora_shapes(lora), weight_shapes(unet))
+    if found.left_out:
+        made_for = f" (its metadata says base={lora.meta['base']!r})" if lora.meta.get("base") else ""
         raise LoraMismatchError(
-            f"the LoRA was made for another base: {len(missing)} of its modules are not in this denoiser: "
-            f"{preview}. Use the base it was trained on (its metadata says base={lora.meta.get('base', '?')!r})."
-        )
-    wrong = []
-    for name, (A, B) in lora.modules().items():
-        w = modules[name].weight
-        if (B.shape[0], A.shape[1]) != (w.shape[0], w.shape[1]):
-            wrong.append(f"{name}: LoRA {B.shape[0]}x{A.shape[1]} vs weight {w.shape[0]}x{w.shape[1]}")
-    if wrong:
-        raise LoraMismatchError("the LoRA was made for another base; shapes differ: " + "; ".join(wrong[:5]))
-    return {n: modules[n] for n in lora.modules()}
+            f"the LoRA was made for another base: {found.summary()} in this denoiser, e.g. {found.examples()}. "
+            f"{found.why[0].upper() + found.why[1:]}. "
+            f"Nothing was applied (in part it would do part of its job, silently). Use the base it was made for"
+            f"{made_for}; `difflora inspect LORA --base BASE` lists every module")
+    modules = dict(unet.named_modules())
+    return {n: modules[n] for n in found.matched}
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 
 from . import plan
 from .config import SampleConfig
-from .lora import PREFIX, LoraFile, active_presets
+from .lora import PREFIX, LoraFile, active_presets, check_fits
 from .plan import OutOfMemoryAdvice, error_line
 
 SWEEP_ADAPTER = "difflora_sweep"
@@ -94,7 +94,10 @@ def per_sample_strength(unet: torch.nn.Module, adapter: str, strengths):
 
 @contextlib.contextmanager
 def lora_loaded(unet: torch.nn.Module, lora: LoraFile, adapter: str = SWEEP_ADAPTER):
-    """Load a kit LoRA with diffusers' own loader for the duration of the block."""
+    """Load a kit LoRA with diffusers' own loader for the duration of the block; a LoRA of which any
+    module does not fit the denoiser is refused first (lora.check_fits: diffusers would skip those
+    modules with a warning and go on with part of the LoRA)."""
+    check_fits(unet, lora)
     metadata = {f"{PREFIX}.{k}": v for k, v in lora.config.items()}
     with warnings.catch_warnings():  # "multiple adapters": intended beside a frozen preset adapter
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import average, evaluate, lora as lora_io, plots, sample
 from .config import SampleConfig
-from .lora import LoraFile
+from .lora import LoraFile, LoraMismatchError, check_fits
 from .toy import judge, world
 
 SCALE = 6  # the toy's 32x32 images are shown 6x larger (nearest neighbour)
@@ -173,6 +173,11 @@ class Averager(_Displayed):
         self.loras = dict(loras) if isinstance(loras, dict) else {f"LoRA {i}": l for i, l in enumerate(loras, 1)}
         if not self.loras:
             raise ValueError("give at least one LoRA to average")
+        for name, member in self.loras.items():  # refused now, not at the first Apply (lora.check_fits)
+            try:
+                check_fits(backend.unet, member)
+            except LoraMismatchError as e:
+                raise LoraMismatchError(f"{name}: {e}") from None
         self.backend, self.axis, self.scale = backend, axis, scale
         self.scenes = scenes or evaluate.other_prompts(2)
         self.seeds = [int(s) for s in seeds]
