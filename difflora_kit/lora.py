@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__, kohya, lora_match
+from . import __version__, kohya, lora_formats, lora_match
 from .backends import registry
 from .files import atomic_file, check_lora_path
 
@@ -223,28 +223,65 @@ def save_kohya(path: Path, lora: LoraFile) -> None:
         save_file(tensors, str(tmp), metadata=header)
 
 
-def load(path: Path, module_names=None) -> LoraFile:
-    """Read a LoRA file (safetensors only: never a pickle): the kit's / diffusers' keys, or kohya's
-    (`lora_unet_*`, converted; that needs `module_names()`, a callable giving the base denoiser's
-    module names, see backends.module_names)."""
-    path = check_lora_path(path)
+def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file (never a pickle); ValueError when unreadable."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def load(path: Path, module_names=None) -> LoraFile:
+    """Read a LoRA file (safetensors only: never a pickle) in any format lora_formats knows: the kit's
+    and diffusers' keys, peft's and ComfyUI's prefixes, kohya's (`lora_unet_*`) and DiffSynth-Studio's
+    (converted: that needs `module_names()`, a callable giving the base denoiser's module names, see
+    backends.module_names)."""
+    path = check_lora_path(path)
+    tensors, header = read_file(path)
     check_finite(path, tensors)
-    if kohya.is_kohya(tensors):
-        if module_names is None:
-            raise LoraMismatchError(f"{path} is a kohya-format LoRA: its module names are resolved against the "
-                                    "base model; load it with module_names (the CLI does this with --base)")
-        names = module_names()
+    try:
+        return from_tensors(tensors, header, module_names)
+    except LoraMismatchError as e:
+        raise LoraMismatchError(f"{path}: {e}") from None
+
+
+def _needs_names(fmt, module_names):
+    if module_names is None:
+        raise LoraMismatchError(f"a {fmt.label} LoRA: its module names are resolved against the base "
+                                "model; load it with module_names (the CLI does this with --base)")
+    return module_names()
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], header: dict[str, str], module_names=None) -> LoraFile:
+    """A LoraFile of a file's tensors and header, whatever its format (lora.load without the file)."""
+    fmt = lora_formats.detect(tensors, header)
+    if fmt.key == "kohya":
         try:
-            return LoraFile(*kohya.from_kohya(tensors, names, header))
+            return LoraFile(*kohya.from_kohya(tensors, _needs_names(fmt, module_names), header))
         except ValueError as e:  # kohya modules that are not this base's, or no UNet / FLUX keys at all
             raise LoraMismatchError(str(e)) from e
+    if fmt.key == "diffsynth":
+        from . import diffsynth
+
+        try:
+            the_lora = LoraFile(*diffsynth.from_diffsynth(tensors, _needs_names(fmt, module_names)))
+        except ValueError as e:
+            raise LoraMismatchError(str(e)) from e
+        if diffsynth.family_of(tensors) in ("flux", "zimage"):
+            the_lora.meta.setdefault("denoiser", "transformer")  # written back with the pipeline's prefix
+        return the_lora
+    if fmt.key in ("kohya-ldm", "diffusers-old"):
+        raise LoraMismatchError(f"{fmt.label}: the kit does not read them. Load the file in ComfyUI or AUTOMATIC1111 "
+                                "(kohya LDM names), or with diffusers' pipe.load_lora_weights and save it again "
+                                "with save_lora_weights (old attention keys): both are then read here")
+    if fmt.key == "unknown":
+        raise LoraMismatchError("holds no LoRA tensors the kit knows (no '*.lora_A.weight', kohya or "
+                                "DiffSynth-Studio keys)")
     meta = {k[len("difflora.") :]: v for k, v in header.items() if k.startswith("difflora.")}
+    if fmt.key in ("comfyui", "peft") or not fmt.prefix:  # prefixed or bare peft keys: "unet." in memory
+        tensors = lora_formats.strip(tensors, fmt)
+        meta["imported_from"] = fmt.key
     other = _other_prefix(tensors)
     if other is not None:  # a transformer's LoRA (FLUX): "unet." in memory
         tensors = {PREFIX + k[len(other):]: v for k, v in tensors.items() if k.startswith(f"{other}.")}
@@ -256,12 +293,7 @@ def load(path: Path, module_names=None) -> LoraFile:
         config = {k[len(PREFIX) + 1 :]: v for k, v in raw.items() if k.startswith(f"{PREFIX}.")}
     else:  # no config: rank from the shapes, alpha = rank (diffusers' convention)
         ranks = [t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")]
-        if not ranks:
-            raise LoraMismatchError(f"{path} holds no LoRA tensors (no '*.lora_A.weight' keys)")
         config = {"r": ranks[0], "lora_alpha": ranks[0]}
-    if not any(k.startswith(f"{PREFIX}.") for k in tensors):
-        raise LoraMismatchError(f"{path}: keys are not diffusers LoRA keys (expected the '{PREFIX}.' or "
-                                f"{' or '.join(repr(p + '.') for p in FILE_PREFIXES[1:])} prefix)")
     return LoraFile(tensors, config, meta)
 
 

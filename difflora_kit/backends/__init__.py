@@ -161,8 +161,8 @@ def load_backend(base: str | Path | Base = "toy", device: str | None = None, den
         return base.family.backend_class().load(base.folder, device or default_device(), denoiser=denoiser)
 
 
-def module_names(base: str | Path | Base = "toy") -> list[str]:
-    """Names of the denoiser's modules, from its config alone (built on the meta device: no weights)."""
+def _meta_denoiser(base: str | Path | Base):
+    """The denoiser built from its config alone on the meta device: names and shapes, no weights."""
     import diffusers
     import torch
 
@@ -170,8 +170,20 @@ def module_names(base: str | Path | Base = "toy") -> list[str]:
     model = getattr(diffusers, base.family.denoiser_class)
     config = model.load_config(base.folder / base.family.denoiser_folder)
     with torch.device("meta"):
-        denoiser = model.from_config(config)
-    return [name for name, _ in denoiser.named_modules() if name]
+        return model.from_config(config)
+
+
+def module_names(base: str | Path | Base = "toy") -> list[str]:
+    """Names of the denoiser's modules, from its config alone (built on the meta device: no weights)."""
+    return [name for name, _ in _meta_denoiser(base).named_modules() if name]
+
+
+def weight_shapes(base: str | Path | Base = "toy") -> dict[str, tuple[int, ...]]:
+    """{module: weight shape} of the denoiser's modules that have a weight, from its config alone."""
+    import torch
+
+    return {name: tuple(m.weight.shape) for name, m in _meta_denoiser(base).named_modules()
+            if name and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
 def denoiser_folder(base: str | Path | Base = "toy") -> str:
