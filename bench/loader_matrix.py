@@ -54,6 +54,8 @@ def forms(family: str, lf: lora.LoraFile, prefix: str) -> dict[str, tuple[dict, 
     modules = lf.modules()
     scalings = {n: lf.scaling(n) for n in modules}
     try:
+        if not registry.get(family).kohya:
+            raise NotImplementedError("the kit has no kohya names for this family (lora.save_kohya refuses it)")
         tensors, kheader = kohya.to_kohya(modules, scalings, {**lf.meta, "family": family})
         kkeys = {k: tuple(v.shape) for k, v in tensors.items()}
         out[FORMS[2]] = (kkeys, kheader, {k: float(kkeys[k[:-6] + ".lora_down.weight"][0]) for k in kkeys
@@ -129,8 +131,9 @@ Two files for SD 1.5 and SDXL, one for FLUX and Z-Image:
 - **DiffSynth-Studio reads neither on SD 1.5, SDXL and Z-Image**: its GeneralLoRALoader keeps the "unet." /
   "transformer." prefix (0 modules fused) and its SDXL kohya table knows only LDM names; on FLUX it renames
   both the peft and the kohya file completely. Its own form (`difflora convert --to diffsynth`) is the file
-  for it everywhere. The kit's Z-Image kohya export is no file for ComfyUI (its fused attention takes only
-  ComfyUI's own names there: 102/238): for Z-Image, ComfyUI gets the peft file.
+  for it everywhere, and the kit reads it back. (A kohya file of Z-Image, which the kit does not write, would
+  be no file for ComfyUI either: its fused attention takes only ComfyUI's own names there.) For Z-Image,
+  ComfyUI gets the peft file.
 
 Which file goes into which tool: diffusers / peft / the kit / DiffSynth-via-convert -> `*.safetensors`
 (peft keys); ComfyUI and AUTOMATIC1111 on SD 1.5 / SDXL -> `*.kohya.safetensors`; ComfyUI on FLUX /

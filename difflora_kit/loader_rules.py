@@ -27,7 +27,8 @@ import json
 import re
 from collections.abc import Iterable
 
-from . import kohya
+from . import diffsynth as diffsynth_format
+from . import kohya, lora_formats
 
 KIT, DIFFUSERS_PIPE, DIFFUSERS_ADAPTER = "difflora-kit", "diffusers load_lora_weights", "diffusers load_lora_adapter(path)"
 COMFYUI, A1111, DIFFSYNTH = "ComfyUI", "AUTOMATIC1111", "DiffSynth-Studio"
@@ -591,22 +592,30 @@ def diffsynth(mods: dict[str, FileModule], header: dict, family: str, module_nam
 # ---- the kit itself -----------------------------------------------------------------------------------------
 def difflora_kit(mods: dict[str, FileModule], header: dict, family: str, module_names: list[str],
                  scalars: dict[str, float]) -> Reading:
-    """This kit's lora.load + lora.check_fits: diffusers/peft keys under "unet." or the family's prefix
-    (peft config from the header, rank_pattern / alpha_pattern honoured), kohya keys through kohya.from_kohya
-    (resolved against the base's module names; alpha per module). All or nothing: a file with any module
+    """This kit's lora.load + lora.check_fits: the formats lora_formats detects and lora.load reads (diffusers/peft
+    keys under "unet.", the family's, peft's or ComfyUI's prefix, peft config from the header with rank_pattern /
+    alpha_pattern honoured; kohya keys through kohya.from_kohya and DiffSynth's through diffsynth.from_diffsynth,
+    resolved against the base's module names, alpha per module). All or nothing: a file with any module
     the base lacks is refused with the names listed (LoraMismatchError), never half applied."""
     names = set(module_names)
     styles = {m.style for m in mods.values()}
-    if styles == {"kohya"}:
+    fmt = lora_formats.detect([s + ".lora_A.weight" if m.style == "peft" else s + ".lora_A.default.weight"
+                               if m.style == "default" else s + ".lora_down.weight" for s, m in mods.items()], header)
+    if styles == {"kohya"} and fmt.key == "kohya":
         layout = kohya.layout(module_names)
         missing = [s for s in mods if s not in layout]
         scale = {s: _alpha_or_one(s, m, scalars) for s, m in mods.items()}
-    elif styles == {"peft"} and all(split_prefix(s)[0] for s in mods):
-        missing = [s for s in mods if split_prefix(s)[1] not in names]
+    elif fmt.key == "diffsynth":  # diffsynth.from_diffsynth: DiffSynth's FLUX names, or diffusers' with ".default."
+        layout = diffsynth_format.flux_layout(module_names) if diffsynth_format.family_of(
+            [s + ".lora_A.weight" for s in mods]) == "flux" else {n: (n,) for n in names}
+        missing = [s for s in mods if s not in layout]
+        scale = {s: _alpha_or_one(s, m, scalars) for s, m in mods.items()}
+    elif styles == {"peft"} and fmt.key in ("kit", "diffusers", "peft", "comfyui"):
+        bare = {s: s[len(fmt.prefix):] if fmt.prefix else split_prefix(s)[1] for s in mods}
+        missing = [s for s in mods if bare[s] not in names]
         scale = {s: m.scale for s, m in mods.items()}
     else:
-        return _unsupported(KIT, mods, "not the kit's keys (diffusers 'unet.'/'transformer.' or kohya 'lora_unet_'): "
-                            "lora.load refuses it")
+        return _unsupported(KIT, mods, f"{fmt.label}: lora.load refuses it")
     if missing:
         return _unsupported(KIT, mods, f"refuses the file: {len(missing)} of its {len(mods)} modules are not in "
                             "this base (LoraMismatchError names them)")

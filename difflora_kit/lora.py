@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__, kohya, lora_formats, lora_match
+from . import __version__, diffsynth, kohya, lora_formats, lora_match
 from .backends import registry
 from .files import atomic_file, check_lora_path
 
@@ -232,6 +232,27 @@ def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
+def diffsynth_family(lora: LoraFile) -> str:
+    """The family key diffsynth.to_diffsynth needs: the one the kit recorded, else from the module names
+    (SD 1.x and SDXL are written alike there: a UNet counts as "sd15")."""
+    family = lora.meta.get("family")
+    if family in diffsynth.FAMILIES:
+        return family
+    names = lora.modules()
+    if kohya.is_flux(names):
+        return "flux"
+    return {"zimage": "zimage", "unet": "sd15"}.get(lora_match.family_of(names), str(family or "unknown"))
+
+
+def save_diffsynth(path: Path, lora: LoraFile) -> None:
+    """Write `lora` as DiffSynth-Studio's own LoRA file (diffsynth.to_diffsynth: its module names, FLUX's
+    q/k/v fused, the scale folded into B: DiffSynth reads no alpha), atomically."""
+    modules = lora.modules()
+    tensors = diffsynth.to_diffsynth(modules, {n: lora.scaling(n) for n in modules}, diffsynth_family(lora))
+    with atomic_file(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=diffsynth.header(lora.meta))
+
+
 def load(path: Path, module_names=None) -> LoraFile:
     """Read a LoRA file (safetensors only: never a pickle) in any format lora_formats knows: the kit's
     and diffusers' keys, peft's and ComfyUI's prefixes, kohya's (`lora_unet_*`) and DiffSynth-Studio's
@@ -261,16 +282,11 @@ def from_tensors(tensors: dict[str, torch.Tensor], header: dict[str, str], modul
             return LoraFile(*kohya.from_kohya(tensors, _needs_names(fmt, module_names), header))
         except ValueError as e:  # kohya modules that are not this base's, or no UNet / FLUX keys at all
             raise LoraMismatchError(str(e)) from e
-    if fmt.key == "diffsynth":
-        from . import diffsynth
-
+    if fmt.key == "diffsynth":  # meta "denoiser" "transformer" for FLUX / Z-Image: written back with that prefix
         try:
-            the_lora = LoraFile(*diffsynth.from_diffsynth(tensors, _needs_names(fmt, module_names)))
+            return LoraFile(*diffsynth.from_diffsynth(tensors, _needs_names(fmt, module_names), header))
         except ValueError as e:
             raise LoraMismatchError(str(e)) from e
-        if diffsynth.family_of(tensors) in ("flux", "zimage"):
-            the_lora.meta.setdefault("denoiser", "transformer")  # written back with the pipeline's prefix
-        return the_lora
     if fmt.key in ("kohya-ldm", "diffusers-old"):
         raise LoraMismatchError(f"{fmt.label}: the kit does not read them. Load the file in ComfyUI or AUTOMATIC1111 "
                                 "(kohya LDM names), or with diffusers' pipe.load_lora_weights and save it again "

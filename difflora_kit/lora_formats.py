@@ -7,7 +7,8 @@
     kohya       lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight (+ .alpha)   sd-scripts, the kit's export
                 lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight            (FLUX, BFL's names)
     kohya-ldm   lora_unet_input_blocks_1_1_proj_in.lora_down.weight                original (LDM) UNet names
-    diffsynth   blocks.0.attn.a_to_qkv.lora_A.default.weight                       DiffSynth-Studio
+    diffsynth   layers.0.attention.to_q.lora_A.default.weight                      DiffSynth-Studio
+                blocks.0.attn.a_to_qkv.lora_A.weight                               (FLUX, its own names)
     comfyui     diffusion_model.<module>.lora_A.weight                             ComfyUI's own saves
     diffusers-old  unet.<...>.attn1.processor.to_q_lora.down.weight                diffusers before 0.20
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+
+from . import diffsynth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,7 @@ def detect(keys: Iterable[str], header: dict | None = None) -> Format:
         return _format("kohya", "lora_unet_")
     if any("_lora.down.weight" in k or "_lora.up.weight" in k for k in keys):
         return _format("diffusers-old", "unet.")
-    if any(k.endswith((".lora_A.default.weight", ".lora_B.default.weight")) for k in keys):
+    if diffsynth.is_diffsynth(keys):  # ".default." keys, or DiffSynth's FLUX names (blocks.N, single_blocks.N)
         return _format("diffsynth")
     lora_keys = [k for k in keys if k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if not lora_keys:
