@@ -90,6 +90,7 @@ def _member_meta(loras: list[LoraFile], weights: list[float], method: str) -> di
     digests = {l.meta.get("base_digest", "") for l in loras}
     return {"stage": "average", "method": method, "members": ",".join(l.digest() for l in loras),
             "weights": ",".join(f"{w:g}" for w in weights), "base": loras[0].meta.get("base", ""),
+            "family": loras[0].meta.get("family", ""),
             "base_digest": digests.pop() if len(digests) == 1 else "",
             **({"denoiser": loras[0].meta["denoiser"]} if "denoiser" in loras[0].meta else {})}
 

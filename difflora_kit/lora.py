@@ -210,6 +210,33 @@ def save(path: Path, lora: LoraFile) -> None:
         save_file(tensors, str(tmp), metadata=meta)
 
 
+KOHYA_SUFFIX = ".kohya.safetensors"
+
+
+def kohya_path(path: Path) -> Path:
+    """lora2.safetensors -> lora2.kohya.safetensors: the kohya copy written beside a LoRA (save_files)."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + KOHYA_SUFFIX)
+
+
+def needs_kohya_copy(lora: LoraFile) -> bool:
+    """True for a LoRA of a family whose peft-keyed file ComfyUI and AUTOMATIC1111 read only in part
+    (SD 1.x, SDXL: their attention layers are 'lora key not loaded'; registry.Family.kohya_beside)."""
+    family = lora.meta.get("family")
+    return any(row.key == family and row.kohya_beside for row in registry.FAMILIES)
+
+
+def save_files(path: Path, lora: LoraFile) -> list[Path]:
+    """A LoRA as a user gets it from `pair`, `pairs`, `train` and `average`: PATH (peft keys: diffusers,
+    peft, the kit) and, for SD 1.x / SDXL, PATH.kohya.safetensors beside it (ComfyUI, AUTOMATIC1111).
+    Each written atomically, the peft file first. Returns the paths written."""
+    save(path, lora)
+    if not needs_kohya_copy(lora):
+        return [Path(path)]
+    save_kohya(kohya_path(path), lora)
+    return [Path(path), kohya_path(path)]
+
+
 def save_kohya(path: Path, lora: LoraFile) -> None:
     """Write `lora` in kohya keys (kohya.to_kohya: for ComfyUI and AUTOMATIC1111; a FLUX LoRA in BFL's
     names, as sd-scripts and ComfyUI write it), atomically."""

@@ -212,7 +212,7 @@ def run(out: Path, metadata: Path, cfg: TrainConfig | None = None, base: str | P
             lora2s = [done[i][1] if i in done else lora.load(tmp / e["dir"] / "lora2.safetensors")
                       for i, e in (indexed[k] for k in members)]
             avg = average.average(lora2s, weights, rank, energy)
-            lora.save(tmp / "average.safetensors", avg.lora)
+            lora.save_files(tmp / "average.safetensors", avg.lora)
             summary = average_record(avg, [entries[k]["lora2_digest"] for k in members], record, rank)
             index = index_record(metadata, axis or rows[0].get("axis", ""), base, cfg, entries, summary, group.processes)
             (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")

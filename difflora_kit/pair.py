@@ -134,6 +134,6 @@ def save_pair(result: PairResult, out_dir: Path, force: bool = False) -> tuple[P
     paths = out_dir / "lora1.safetensors", out_dir / "lora2.safetensors"
     for p in paths:
         check_writable(p, force)
-    lora.save(paths[0], result.lora1)
-    lora.save(paths[1], result.lora2)
+    lora.save_files(paths[0], result.lora1)
+    lora.save_files(paths[1], result.lora2)
     return paths

@@ -3,6 +3,7 @@
     written = train_pair_to_folder(DIR, image1, image2, prompt, cfg, base, resume=True)
         -> DIR/lora1.safetensors                    LoRA 1   (checkpoint: DIR/lora1.checkpoint.safetensors)
            DIR/lora2.safetensors                    LoRA 2   (checkpoint: DIR/lora2.checkpoint.safetensors)
+           DIR/lora{1,2}.kohya.safetensors          SD 1.x / SDXL: the same LoRAs for ComfyUI / AUTOMATIC1111
            DIR/report.json                          LoRA 2's health report, on the plain base
     written = train_stage_to_file(OUT, image, prompt, cfg, base, preset=LORA1)
         -> OUT, OUT.report.json (step 2)
@@ -63,7 +64,7 @@ def stamp_and_save(path: Path, lora2: lora.LoraFile, figures: dict, report_path:
     """After a report: LoRA 2 rewritten with the verdict in its metadata (atomically: until then the file
     written before the report stays), then the report's JSON."""
     health.stamp(lora2, figures)
-    lora.save(path, lora2)
+    lora.save_files(path, lora2)
     health.save(report_path, figures)
 
 
@@ -155,8 +156,9 @@ def report_line(report: dict, shown: str | Path, tag: str = "LoRA 2") -> str:
 
 def finish(path: Path, the_lora: lora.LoraFile, checkpoint: Path) -> None:
     """Write the finished LoRA, then drop its checkpoint (in that order: a kill between the two
-    leaves a finished LoRA and a stale checkpoint, never a lost run)."""
-    lora.save(path, the_lora)
+    leaves a finished LoRA and a stale checkpoint, never a lost run); for SD 1.x / SDXL with its kohya
+    copy beside it (lora.save_files)."""
+    lora.save_files(path, the_lora)
     Path(checkpoint).unlink(missing_ok=True)
 
 
@@ -197,6 +199,8 @@ def train_stage_to_file(out: Path, image: Path | np.ndarray, prompt: str, cfg: T
     if report_path is not None:
         check_writable(report_path, force)
     base = backends.resolve_base(base)
+    if base.family.kohya_beside:  # OUT.kohya.safetensors is written beside it (lora.save_files)
+        check_writable(lora.kohya_path(out), force)
     given, image = image, _image(image, backends.sample_size(base), resize)
     preset = preset if preset is None or isinstance(preset, lora.LoraFile) else load_lora(preset, base)
     ckpt = checkpoint_path(out)
@@ -241,9 +245,10 @@ def train_pair_to_folder(out: Path, image1: Path | np.ndarray, image2: Path | np
     paths = out / "lora1.safetensors", out / "lora2.safetensors"
     report_path = out / "report.json" if report else None
     step1_done = resume and paths[0].is_file()  # resuming after step 1 finished: keep its LoRA
-    for path in [*paths[1 if step1_done else 0:], *([report_path] if report_path else [])]:
-        check_writable(path, force)
     base = backends.resolve_base(base)
+    copies = [lora.kohya_path(p) for p in paths] if base.family.kohya_beside else []  # lora.save_files
+    for path in [*paths[1 if step1_done else 0:], *copies[1 if step1_done else 0:], *([report_path] if report_path else [])]:
+        check_writable(path, force)
     size = backends.sample_size(base)
     given = image1, image2
     image1, image2 = _image(image1, size, resize), _image(image2, size, resize)

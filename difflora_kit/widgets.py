@@ -269,9 +269,11 @@ class Averager(_Displayed):
                 raise ValueError("nothing to save yet: press Apply first")
             if path.suffix != ".safetensors":
                 raise ValueError(f"{path}: give a .safetensors file name (the only LoRA format the kit reads)")
-            if path.exists() and not self.overwrite.value:
-                raise FileExistsError(f"{path} already exists: tick 'overwrite' or choose another name")
-            lora_io.save(path, self.result)
-            self.status.value = f"saved {html.escape(str(path))}"
+            targets = [path, *([lora_io.kohya_path(path)] if lora_io.needs_kohya_copy(self.result) else [])]
+            there = [p for p in targets if p.exists()]
+            if there and not self.overwrite.value:
+                raise FileExistsError(f"{there[0]} already exists: tick 'overwrite' or choose another name")
+            written = lora_io.save_files(path, self.result)  # SD 1.x / SDXL: its kohya copy beside it
+            self.status.value = "saved " + " and ".join(html.escape(str(p)) for p in written)
         except Exception as e:
             self.status.value = _error(e)

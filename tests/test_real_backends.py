@@ -56,6 +56,14 @@ def test_step1_step2_sample_through_the_cli_and_diffusers_loads_the_lora(tiny_ba
                      "--steps", "2", "--batch", "2", "--lr", "0.05"]) == 0, capsys.readouterr().err
     lora2 = lora.load(out / "lora2.safetensors")
     assert lora2.meta["stage"] == "2" and lora2.meta["base_digest"] == backends.base_digest(folder)
+    # beside each LoRA its kohya copy (ComfyUI / AUTOMATIC1111): the same weight changes, kohya's own version
+    copy = lora.load(out / "lora2.kohya.safetensors", module_names=lambda: backends.module_names(folder))
+    want = lora.module_deltas(lora2)
+    assert sorted(lora.module_deltas(copy)) == sorted(want) and (out / "lora1.kohya.safetensors").is_file()
+    for name, delta in lora.module_deltas(copy).items():
+        torch.testing.assert_close(delta, want[name], atol=1e-6, rtol=1e-5)
+    version = lora.read_file(out / "lora2.kohya.safetensors")[1]["ss_base_model_version"]
+    assert version == {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[family]
     grid = tmp_path / "grid.png"
     assert cli.main(["sample", "--lora", str(out / "lora2.safetensors"), "--prompt", "a red circle", "--base",
                      str(folder), "--scales", "0,1", "--out", str(grid), "--sample-steps", "2"]) == 0

@@ -64,6 +64,9 @@ class Family:
     """`difflora plan` covers it."""
     kohya: bool = False
     """kohya-format export and import (ComfyUI, A1111) covers it."""
+    kohya_beside: bool = False
+    """`pair`, `pairs`, `train` and `average` write a kohya copy beside each LoRA (NAME.kohya.safetensors):
+    ComfyUI and AUTOMATIC1111 read no peft-keyed file of this family completely (bench/results/loader_matrix.md)."""
     text_tokens: int | None = None
     """Text tokens the denoiser attends to, for the memory plan (None: the first text encoder's
     context length, max_position_embeddings: CLIP's 77)."""
@@ -90,13 +93,13 @@ SD15 = Family(
     key="sd15", label="Stable Diffusion 1.x", pipelines=("StableDiffusionPipeline",), backend="sd:StableDiffusionBackend",
     denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
     sampling=dict(steps=30, guidance=7.5, rescale=0.0),  # diffusers' pipeline default guidance, no rescale
-    kohya=True,
+    kohya=True, kohya_beside=True,
     public=PublicConfig(model_configs.SD15_UNET, (("CLIPTextModel", model_configs.CLIP_L),), model_configs.SD_VAE))
 
 SDXL = Family(
     key="sdxl", label="SDXL", pipelines=("StableDiffusionXLPipeline",), backend="sd:StableDiffusionBackend",
     denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
-    sampling=dict(steps=30, guidance=5.0, rescale=0.0), text_states="penultimate", kohya=True,
+    sampling=dict(steps=30, guidance=5.0, rescale=0.0), text_states="penultimate", kohya=True, kohya_beside=True,
     public=PublicConfig(model_configs.SDXL_UNET, (("CLIPTextModel", model_configs.CLIP_L),
                                                   ("CLIPTextModelWithProjection", model_configs.CLIP_G)),
                         model_configs.SDXL_VAE))
