@@ -183,6 +183,19 @@ def header(meta: dict) -> dict[str, str]:
     return {"format": "pt", **{f"difflora.{k}": str(v) for k, v in meta.items()}}
 
 
+def family_for(names: Iterable[str], recorded: str | None = None) -> str:
+    """The family key to_diffsynth needs for a LoRA on diffusers modules `names`: the one the kit recorded,
+    else from the names (SD 1.x and SDXL are written alike here: a UNet counts as "sd15")."""
+    if recorded in FAMILIES:
+        return recorded
+    names = list(names)
+    kind = {"FLUX": "flux", "Z-Image": "zimage", "UNet (SD 1.x / SDXL)": "sd15"}.get(label(names))
+    if kind is None:
+        raise ValueError(f"DiffSynth-Studio has no LoRA format for these modules (e.g. {', '.join(names[:2])}): "
+                         f"it covers {', '.join(FAMILIES.values())}")
+    return kind
+
+
 def is_unet(names: Iterable[str]) -> bool:
     return any(n.startswith("down_blocks.") for n in names)
 

@@ -60,20 +60,20 @@ BFL_BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE_BLOCK),
 MLP_RATIO = 4  # FluxSingleTransformerBlock's mlp_ratio: proj_mlp is (4 dim, dim), q, k and v are (dim, dim)
 
 
-# sd-scripts' `ss_base_model_version` of the kit's families (library/model_util.py, sdxl_model_util.py,
-# flux_utils.py): AUTOMATIC1111 lists a LoRA as SDXL when it starts with "sdxl_", else as SD 1.
-BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "difflora-toy": "difflora_toy"}
-# the same, read from a UNet LoRA's cross-attention width (attn2.to_k's input) when the family is not recorded
+# sd-scripts' `ss_base_model_version` values (library/model_util.py, sdxl_model_util.py, flux_utils.py):
+# AUTOMATIC1111 lists a LoRA as SDXL when it starts with "sdxl_", else as SD 1. Each family's is its
+# registry row's kohya_version; without one, read from a UNet LoRA's cross-attention width (attn2.to_k's input).
 CROSS_ATTENTION_VERSIONS = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
+FLUX_VERSION = "flux1"
 
 
-def base_model_version(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], family: str | None = None) -> str:
-    """kohya's `ss_base_model_version` of a LoRA: from the kit's family key when known, else from its
+def base_model_version(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], version: str | None = None) -> str:
+    """kohya's `ss_base_model_version` of a LoRA: `version` (its family's) when given, else from its
     modules (FLUX's names, a UNet's cross-attention width); "" when neither tells."""
-    if family in BASE_MODEL_VERSIONS:
-        return BASE_MODEL_VERSIONS[family]
+    if version:
+        return version
     if is_flux(modules):
-        return BASE_MODEL_VERSIONS["flux"]
+        return FLUX_VERSION
     widths = {A.shape[1] for name, (A, _) in modules.items() if name.endswith("attn2.to_k")}
     return next((CROSS_ATTENTION_VERSIONS[w] for w in widths if w in CROSS_ATTENTION_VERSIONS), "")
 
@@ -176,9 +176,9 @@ def split(key: str, down: torch.Tensor, up: torch.Tensor, alpha: float,
 
 
 def to_kohya(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], scalings: dict[str, float],
-             meta: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+             meta: dict, version: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header metadata) in kohya keys of the LoRA {module: (A, B)} with alpha / r = scalings[module]
-    and the kit's metadata `meta`.
+    and the kit's metadata `meta`; `version`: kohya's ss_base_model_version of its family (base_model_version).
 
     Written in the one form every loader reads alike: each module's scale folded into lora_up, one
     rank R for all (lower ranks zero-padded: the padded components are 0, the product unchanged)
@@ -198,7 +198,7 @@ def to_kohya(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], scalings: di
             tensors[f"{key}{DOWN}"], tensors[f"{key}{UP}"] = down, up
             tensors[f"{key}{ALPHA}"] = torch.tensor(float(down.shape[0]))
     header = {"ss_network_module": "networks.lora_flux" if is_flux(modules) else "networks.lora",
-              "ss_network_dim": str(R), "ss_network_alpha": str(R), "ss_base_model_version": base_model_version(modules, meta.get("family")),
+              "ss_network_dim": str(R), "ss_network_alpha": str(R), "ss_base_model_version": base_model_version(modules, version),
               **{f"difflora.{k}": str(v) for k, v in meta.items()}}
     return tensors, header
 

@@ -245,7 +245,9 @@ def save_kohya(path: Path, lora: LoraFile) -> None:
         raise NotImplementedError(f"kohya keys are for UNet LoRAs (toy, SD 1.x, SDXL) and FLUX transformers: this "
                                   f"LoRA's denoiser is another {file_prefix(lora)!r}; "
                                   "kohya export is not for its family yet")
-    tensors, header = kohya.to_kohya(modules, {n: lora.scaling(n) for n in modules}, lora.meta)
+    family = next((row for row in registry.FAMILIES if row.key == lora.meta.get("family")), None)
+    tensors, header = kohya.to_kohya(modules, {n: lora.scaling(n) for n in modules}, lora.meta,
+                                     family.kohya_version if family else None)
     with atomic_file(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=header)
 
@@ -259,23 +261,12 @@ def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
-def diffsynth_family(lora: LoraFile) -> str:
-    """The family key diffsynth.to_diffsynth needs: the one the kit recorded, else from the module names
-    (SD 1.x and SDXL are written alike there: a UNet counts as "sd15")."""
-    family = lora.meta.get("family")
-    if family in diffsynth.FAMILIES:
-        return family
-    names = lora.modules()
-    if kohya.is_flux(names):
-        return "flux"
-    return {"zimage": "zimage", "unet": "sd15"}.get(lora_match.family_of(names), str(family or "unknown"))
-
-
 def save_diffsynth(path: Path, lora: LoraFile) -> None:
     """Write `lora` as DiffSynth-Studio's own LoRA file (diffsynth.to_diffsynth: its module names, FLUX's
     q/k/v fused, the scale folded into B: DiffSynth reads no alpha), atomically."""
     modules = lora.modules()
-    tensors = diffsynth.to_diffsynth(modules, {n: lora.scaling(n) for n in modules}, diffsynth_family(lora))
+    family = diffsynth.family_for(modules, lora.meta.get("family"))
+    tensors = diffsynth.to_diffsynth(modules, {n: lora.scaling(n) for n in modules}, family)
     with atomic_file(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=diffsynth.header(lora.meta))
 

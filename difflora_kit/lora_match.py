@@ -19,7 +19,10 @@ from collections.abc import Iterable
 
 # module names that only diffusers' older attention classes had (renamed to to_q, to_k, to_v, to_out.0)
 OLD_ATTENTION = re.compile(r"(\.(query|key|value|proj_attn)$)|(\.processor\.)|(_lora$)")
-FAMILY_LABELS = {"unet": "a UNet (SD 1.x / SD 2.x / SDXL)", "flux": "a FLUX transformer", "zimage": "a Z-Image transformer"}
+# the denoiser architectures module names tell apart (not the registry's family keys: SD 1.x and SDXL share one)
+UNET, FLUX_DIT, ZIMAGE_DIT = "unet", "flux-transformer", "zimage-transformer"
+ARCHITECTURE_LABELS = {UNET: "a UNet (SD 1.x / SD 2.x / SDXL)", FLUX_DIT: "a FLUX transformer",
+                       ZIMAGE_DIT: "a Z-Image transformer"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,17 +57,17 @@ class Match:
         return ", ".join(out[:k]) + (f" (and {len(out) - k} more)" if len(out) > k else "")
 
 
-def family_of(names: Iterable[str]) -> str | None:
-    """"unet", "flux" or "zimage" from module names alone (diffusers' names), else None."""
+def architecture_of(names: Iterable[str]) -> str | None:
+    """UNET, FLUX_DIT or ZIMAGE_DIT from module names alone (diffusers' names), else None."""
     names = list(names)
     heads = {n.split(".")[0] for n in names}
     if heads & {"single_transformer_blocks"} or ("transformer_blocks" in heads and any(".attn.add_q_proj" in n or
                                                                                       ".ff_context." in n for n in names)):
-        return "flux"
+        return FLUX_DIT
     if "layers" in heads and any(".attention." in n for n in names):
-        return "zimage"
+        return ZIMAGE_DIT
     if heads & {"down_blocks", "up_blocks", "mid_block"}:
-        return "unet"
+        return UNET
     return None
 
 
@@ -75,9 +78,9 @@ def reason(missing: Iterable[str], wrong_shape: Iterable[str], lora_names: Itera
     missing, wrong_shape = list(missing), list(wrong_shape)
     if not missing and not wrong_shape:
         return ""
-    lora_family, base_family = family_of(lora_names), family_of(base_names)
-    if lora_family and base_family and lora_family != base_family:
-        return f"it was made for {FAMILY_LABELS[lora_family]}, the base is {FAMILY_LABELS[base_family]}"
+    made_for, base = architecture_of(lora_names), architecture_of(base_names)
+    if made_for and base and made_for != base:
+        return f"it was made for {ARCHITECTURE_LABELS[made_for]}, the base is {ARCHITECTURE_LABELS[base]}"
     old = [n for n in missing if OLD_ATTENTION.search(n)]
     if old:
         return (f"{len(old)} use diffusers' old attention names (e.g. {old[0]}): load the file with "

@@ -98,11 +98,11 @@ def test_kohya_import_round_trips_and_serves_as_a_preset(tiny_sd15, random_lora,
 
 @pytest.mark.parametrize("family, width, version", [("sd15", 32, "sd_v1"), ("sdxl", 32, "sdxl_base_v1-0"),
                                                     (None, 768, "sd_v1"), (None, 2048, "sdxl_base_v1-0"), (None, 32, "")])
-def test_the_header_carries_kohyas_own_base_model_version(family, width, version):
+def test_the_header_carries_kohyas_own_base_model_version(family, width, version, tmp_path):
     """AUTOMATIC1111 lists a LoRA whose ss_base_model_version does not start with "sdxl_" as SD 1: the
-    kit writes sd-scripts' values, from the family it recorded, else from the cross-attention width."""
+    kit writes sd-scripts' values, its family's (registry row) when recorded, else from the cross-attention width."""
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-    modules = {name: (torch.randn(4, width), torch.randn(16, 4))}
+    tensors = {f"unet.{name}.lora_A.weight": torch.randn(4, width), f"unet.{name}.lora_B.weight": torch.randn(16, 4)}
     meta = {"base": "stabilityai/some-hub-id", **({"family": family} if family else {})}
-    _, header = kohya.to_kohya(modules, {name: 1.0}, meta)
-    assert header["ss_base_model_version"] == version
+    lora.save_kohya(tmp_path / "k.safetensors", lora.LoraFile(tensors, {"r": 4, "lora_alpha": 4}, meta))
+    assert lora.read_file(tmp_path / "k.safetensors")[1]["ss_base_model_version"] == version

@@ -64,6 +64,9 @@ class Family:
     """`difflora plan` covers it."""
     kohya: bool = False
     """kohya-format export and import (ComfyUI, A1111) covers it."""
+    kohya_version: str = ""
+    """kohya's `ss_base_model_version` for it (sd-scripts' value; AUTOMATIC1111 lists a LoRA as SDXL when it
+    starts with "sdxl_", else as SD 1)."""
     kohya_beside: bool = False
     """`pair`, `pairs`, `train` and `average` write a kohya copy beside each LoRA (NAME.kohya.safetensors):
     ComfyUI and AUTOMATIC1111 read no peft-keyed file of this family completely (bench/results/loader_matrix.md)."""
@@ -87,19 +90,20 @@ TOY = Family(
     denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
     sampling=dict(steps=10, guidance=2.0, rescale=0.7, solver="unipc"),  # tuned on the toy; UniPC 10 against
     # DDIM 20: the demo's claim scores within 0.018, rates within one sample (bench/results/solver_eval.md)
-    full_precision=True, pixel_space=True, toy_world=True, kohya=True)
+    full_precision=True, pixel_space=True, toy_world=True, kohya=True, kohya_version="difflora_toy")
 
 SD15 = Family(
     key="sd15", label="Stable Diffusion 1.x", pipelines=("StableDiffusionPipeline",), backend="sd:StableDiffusionBackend",
     denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
     sampling=dict(steps=30, guidance=7.5, rescale=0.0),  # diffusers' pipeline default guidance, no rescale
-    kohya=True, kohya_beside=True,
+    kohya=True, kohya_beside=True, kohya_version="sd_v1",
     public=PublicConfig(model_configs.SD15_UNET, (("CLIPTextModel", model_configs.CLIP_L),), model_configs.SD_VAE))
 
 SDXL = Family(
     key="sdxl", label="SDXL", pipelines=("StableDiffusionXLPipeline",), backend="sd:StableDiffusionBackend",
     denoiser_folder="unet", denoiser_class="UNet2DConditionModel", lora_prefix="unet",
     sampling=dict(steps=30, guidance=5.0, rescale=0.0), text_states="penultimate", kohya=True, kohya_beside=True,
+    kohya_version="sdxl_base_v1-0",
     public=PublicConfig(model_configs.SDXL_UNET, (("CLIPTextModel", model_configs.CLIP_L),
                                                   ("CLIPTextModelWithProjection", model_configs.CLIP_G)),
                         model_configs.SDXL_VAE))
@@ -112,7 +116,7 @@ FLUX = Family(
     public=PublicConfig(model_configs.FLUX_TRANSFORMER, (("CLIPTextModel", model_configs.CLIP_L),
                                                          ("T5EncoderModel", model_configs.T5_XXL)),
                         model_configs.FLUX_VAE, tokens=model_configs.FLUX_TEXT_TOKENS, sample_size=1024),
-    kohya=True)  # BFL's fused layer names (kohya.py)
+    kohya=True, kohya_version="flux1")  # BFL's fused layer names (kohya.py)
 
 # Z-Image-Turbo (Tongyi-MAI/Z-Image-Turbo: transformer/, text_encoder/ and vae/ config.json): a 6B
 # single-stream DiT, a Qwen3-4B text encoder (its hidden_states[-2]), FLUX.1's 16-channel VAE.
