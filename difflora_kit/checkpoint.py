@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .files import atomic_file
@@ -36,6 +36,15 @@ def checkpoint_path(out: Path) -> Path:
     """lora.safetensors -> lora.checkpoint.safetensors"""
     out = Path(out)
     return out.with_name(out.name.removesuffix(".safetensors") + ".checkpoint.safetensors")
+
+
+def saved_step(path: Path) -> int | None:
+    """The step a checkpoint holds the state after, from its header alone (None: no readable checkpoint)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except (OSError, KeyError, ValueError, SafetensorError):
+        return None
 
 
 def fingerprint(**parts) -> str:

@@ -9,6 +9,12 @@
     difflora average L1.safetensors L2.safetensors ... --out AVG.safetensors [--weights 0.5,0.5] [--rank N|auto]
     difflora pairs METADATA.jsonl --out DIR [--axis detail] [--limit N] [--rank-out N|auto]
     difflora stability METADATA.jsonl | --from PAIRS_DIR --axis detail --n 1,2,4,8,16 --subsets 8 --out DIR
+    difflora inspect LORA.safetensors [--base BASE]
+    difflora convert LORA.safetensors --to kohya|diffusers|diffsynth --out OUT.safetensors [--base BASE]
+
+Bad input that needs no model (missing or unreadable files, an existing output without --force, a
+setting TrainConfig refuses) is refused by _check_inputs before torch or diffusers is imported. Ctrl-C
+while training prints one line: the checkpoint a `--resume` continues from, and that command (exit 130).
 
 Each command parses its flags, resolves --base once (backends.resolve_base) and passes that down,
 calls the library (pair_files.train_stage_to_file, pair_files.train_pair_to_folder, many_pairs.run, sample,
@@ -24,6 +30,7 @@ import dataclasses
 import inspect
 import json
 import os
+import shlex
 import sys
 import textwrap
 import typing
@@ -109,6 +116,8 @@ def cmd_convert(args) -> None:
     the_lora = pair.load_lora(args.lora, base)
     if args.to == "kohya":
         lora.save_kohya(args.out, the_lora)
+    elif args.to == "diffsynth":
+        lora.save_diffsynth(args.out, the_lora)
     else:
         lora.save(args.out, the_lora)
     print(f"wrote {args.out} ({args.to} keys, {len(the_lora.modules())} modules, rank {the_lora.rank})")
@@ -118,6 +127,12 @@ def cmd_doctor(args) -> int:
     from .doctor import run
 
     return run(args.device)
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_lora import run
+
+    return run(args.lora, args.base)
 
 
 def cmd_plan(args) -> None:
@@ -194,8 +209,7 @@ def cmd_sample(args) -> None:
     if args.images:
         check_writable(args.images, args.force)
     prompts = args.prompt
-    if any(not p.strip() for p in prompts):
-        raise UserError("a --prompt is empty: give a caption, e.g. --prompt 'a red circle on a blue background'")
+    _check_prompts(prompts)
     base = backends.resolve_base(args.base)
     the_lora = pair.load_lora(args.lora, base) if args.lora else None
     preset = pair.load_lora(args.preset_lora, base) if args.preset_lora else None
@@ -306,16 +320,22 @@ def cmd_pairs(args) -> None:
           + (f" ({result.processes} processes)" if result.processes > 1 else ""))
 
 
-def cmd_stability(args) -> None:
-    from . import backends, stability
-    from .config import SampleConfig
-
+def _stability_counts(args) -> list[int]:
+    """`difflora stability`'s pair counts N, sorted, after checking its source (METADATA or --from, one)."""
     if (args.metadata is None) == (args.from_dir is None):
         raise UserError("give a pairs METADATA file (its pairs are trained) or --from DIR (the folder of a "
                         "`difflora pairs` run, whose LoRA 2s are reused), not both")
     ns = sorted(set(args.n))
     if not ns or ns[0] < 1:
         raise UserError(f"--n takes pair counts >= 1, e.g. 1,2,4,8,16; got {args.n}")
+    return ns
+
+
+def cmd_stability(args) -> None:
+    from . import backends, stability
+    from .config import SampleConfig
+
+    ns = _stability_counts(args)
     cfg = _train_cfg(args) if args.metadata is not None else None
     base = backends.resolve_base(args.base)
     result = stability.run(args.out, args.metadata, args.from_dir, args.axis, tuple(ns), args.subsets, cfg, base,
@@ -398,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one LoRA (step 1; step 2 with --preset-lora)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoint a killed run left (train with --checkpoint-every N)")
+                   help="continue from the checkpoint an interrupted run left: Ctrl-C writes one at the step it "
+                        "stops at; a killed run leaves the last of --checkpoint-every N")
     p.add_argument("image", type=Path)
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -413,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pair", help="step 1 on IMAGE1, then step 2 on IMAGE2: DIR/lora1, DIR/lora2")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoint a killed run left (train with --checkpoint-every N)")
+                   help="continue from the checkpoint an interrupted run left: Ctrl-C writes one at the step it "
+                        "stops at; a killed run leaves the last of --checkpoint-every N")
     p.add_argument("image1", type=Path)
     p.add_argument("image2", type=Path)
     p.add_argument("--prompt", required=True)
@@ -473,12 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when there is one)")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("convert", help="a LoRA in other keys: kohya (ComfyUI, A1111) or the kit's diffusers keys")
+    p = sub.add_parser("convert", help="a LoRA in other keys: kohya (ComfyUI, A1111), the kit's diffusers keys, "
+                                       "or DiffSynth-Studio's own")
     p.add_argument("lora", type=Path)
-    p.add_argument("--to", choices=("kohya", "diffusers"), required=True)
+    p.add_argument("--to", choices=("kohya", "diffusers", "diffsynth"), required=True)
     p.add_argument("--out", type=Path, required=True)
     common(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="what a LoRA file is (format, family, rank, alpha, metadata) and whether it "
+                                       "will do anything on BASE: modules matched, left out and why, strength per "
+                                       "loader; exit 1 when nothing or only part of it applies")
+    p.add_argument("lora", type=Path, help="the LoRA file (.safetensors)")
+    p.add_argument("--base", default=None,
+                   help="the base to check it against: a family key, toy, a model folder or a hub id "
+                        "(module names from its config, no weights); without it, the file alone")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("make-pairs", help="write toy image pairs + metadata.jsonl")
     p.add_argument("--out", type=Path, required=True)
@@ -506,16 +538,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # paths given as Path too
+    given = list(argv)  # as typed: what the resume line repeats
     for i in range(len(argv) - 1):  # "--scales -1,0,1": a value that starts with "-" is not an option here
         if argv[i] in ("--scales", "--seeds", "--weights") and argv[i + 1].startswith("-"):
             argv[i : i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
     args = build_parser().parse_args([a for a in argv if a != ""])
     try:
-        _check_inputs(args)  # before any model library is imported: a bad file fails in a moment
-    except (OSError, ValueError) as e:  # FileNotFoundError, OutputExistsError, ImageInputError
+        _check_inputs(args)  # before any model library is imported: bad input fails in a moment
+    except (OSError, ValueError, UserError) as e:  # FileNotFoundError, OutputExistsError, ImageInputError, config
         print(f"difflora: error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (training stops at a step boundary: train.py)
+        print(f"difflora: {interrupted_line(args, given, e)}", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    """The command, with the errors a user can fix printed as one line (exit 2)."""
     from .distributed import PeerFailedError
     from .files import OutputExistsError
     from .images import ImageInputError
@@ -528,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = lambda msg, category, *a, **k: print(  # a report that failed: "warning" (LoRA 2 is safe)
             f"difflora: {getattr(category, 'cli_label', 'note')}: {msg}", file=sys.stderr)
         try:
-            if args.command == "doctor":  # its own exit codes; its --device is what it checks
+            if args.command in ("doctor", "inspect"):  # their own exit codes; doctor's --device is what it checks
                 return args.func(args)
             with _forced_device(getattr(args, "device", None)):
                 args.func(args)
@@ -539,17 +581,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Commands whose TrainConfig is built from the defaults and the flags (evaluate --quick starts from
+# demo.quick_configs, which needs the model libraries: checked when it runs).
+_CONFIGURED = ("train", "pair", "pairs", "plan")
+
+
 def _check_inputs(args) -> None:
-    """The checks that need no model: input images readable, LoRA files present and safetensors, the
-    pairs metadata present, a single-file output not there already (without --force). The commands
-    check the same again, and what needs the model (sizes, keys), once it is loaded."""
+    """The checks that need no model, before torch or diffusers is imported: input images readable,
+    LoRA files present and safetensors, the pairs metadata present, the training settings valid
+    (TrainConfig's own checks), prompts not empty, no output there already without --force (by the
+    rule of the function the command calls: `_outputs`). The commands check the same again, and
+    what needs the model (sizes, keys), once it is loaded."""
     from .files import check_lora_path, check_writable
     from .images import load_image
     from .toy.pairs import check_metadata
 
+    if args.command in _CONFIGURED or (args.command == "evaluate" and not args.quick) \
+            or (args.command == "stability" and args.metadata is not None):
+        _train_cfg(args)
+    if args.command in ("train", "pair"):
+        _check_prompts([args.prompt])
+    if args.command == "sample":
+        _check_prompts(args.prompt)
+        _train_cfg_from(eight_bit=args.eight_bit, preset_mode=args.preset_mode)
+    if args.command == "pairs":
+        _rank_energy(args.rank_out, args.energy, "--rank-out")
+    if args.command == "average":
+        _rank_energy(args.rank, args.energy, "--rank")
+    if args.command == "stability":
+        _stability_counts(args)
     for name in ("image", "image1", "image2"):
         if getattr(args, name, None) is not None:
-            load_image(getattr(args, name))
+            with warnings.catch_warnings():  # "converted RGBA to RGB": said once, by the command that reads it
+                warnings.simplefilter("ignore")
+                load_image(getattr(args, name))
     for name in ("lora", "preset_lora"):
         if getattr(args, name, None) is not None:
             check_lora_path(getattr(args, name))
@@ -557,8 +622,75 @@ def _check_inputs(args) -> None:
         check_lora_path(path)
     if getattr(args, "metadata", None) is not None:
         check_metadata(args.metadata)
-    if args.command in ("sample", "average", "convert") and not args.force:
-        check_writable(args.out, False)
+    if not getattr(args, "force", True):
+        for path in _outputs(args):
+            check_writable(path, False)
+
+
+def _check_prompts(prompts: list[str]) -> None:
+    if any(not p or not p.strip() for p in prompts):
+        raise UserError("a --prompt is empty: give the caption of the image, e.g. --prompt 'a red circle on a blue "
+                        "background'")
+
+
+def _outputs(args) -> list[Path]:
+    """The paths the command refuses to overwrite without --force, by the rule of what it calls:
+    train: pair_files.train_stage_to_file (OUT, and with --preset-lora OUT.report.json); pair:
+    pair_files.train_pair_to_folder (DIR/lora1 unless --resume finds it finished, DIR/lora2,
+    DIR/report.json); every other command that writes: --out as a whole (sample also --images).
+    On SD 1.x / SDXL the kohya copies beside the LoRAs (NAME.kohya.safetensors) depend on the base's
+    family: the command checks those once it has resolved the base. tests/test_bad_input.py holds
+    these rules to the library's, file set by file set."""
+    if args.command == "train":
+        step2_report = args.preset_lora is not None and not args.no_report
+        return [args.out, *([args.out.with_suffix(".report.json")] if step2_report else [])]
+    if args.command == "pair":
+        lora1, lora2 = args.out / "lora1.safetensors", args.out / "lora2.safetensors"
+        keep1 = args.resume and lora1.is_file()  # resuming after step 1 finished: kept, not written
+        return [*([] if keep1 else [lora1]), lora2, *([] if args.no_report else [args.out / "report.json"])]
+    if args.command == "sample" and args.images is not None:
+        return [args.out, args.images]
+    out = getattr(args, "out", None)
+    return [] if out is None else [out]
+
+
+def interrupted_line(args, argv: list[str], error: KeyboardInterrupt | None = None) -> str:
+    """What a Ctrl-C left, in one line: for `train` and `pair` the checkpoint (the one the first Ctrl-C
+    wrote at a step boundary: `error`, a train.TrainingInterrupted; else the one on disk) and the same
+    command with --resume; for the others what was not written."""
+    if args.command == "pairs":
+        return (f"interrupted: nothing written ({args.out} appears only when every pair is done; `difflora pairs` "
+                "keeps no checkpoint: run it again to start over)")
+    if args.command not in ("train", "pair"):
+        return "interrupted (Ctrl-C)"
+    from .checkpoint import checkpoint_path, saved_step
+
+    resume = shlex.join(["difflora", *argv, *([] if args.resume else ["--resume"])])
+    cfg = _train_cfg(args)
+    if args.command == "train":
+        lora1 = lora2 = None
+        found = [checkpoint_path(args.out)]
+    else:
+        lora1, lora2 = args.out / "lora1.safetensors", args.out / "lora2.safetensors"
+        found = [checkpoint_path(lora2)] + ([] if lora1.is_file() else [checkpoint_path(lora1)])
+    written = getattr(error, "checkpoint", None)  # the checkpoint the loop wrote when it stopped
+    for ckpt in [written] if written is not None else found:
+        step = saved_step(ckpt) if Path(ckpt).is_file() else None
+        if step is None:
+            continue
+        where = f"after optimizer step {step} of {cfg.steps}: checkpoint {ckpt}"
+        if lora1 is None:
+            return f"interrupted {where}; resume with: {resume}"
+        if Path(ckpt) == checkpoint_path(lora2):
+            return f"interrupted while training LoRA 2, {where}, LoRA 1 finished at {lora1}; resume with: {resume}"
+        earlier = f" after deleting {lora1}, an earlier run's (--resume keeps a finished LoRA 1)" if lora1.is_file() else ""
+        return f"interrupted while training LoRA 1, {where}; resume with: {resume}{earlier}"
+    if lora1 is not None and lora1.is_file():
+        return (f"interrupted while training LoRA 2, before a checkpoint: LoRA 1 is finished at {lora1}; "
+                f"resume with: {resume}")
+    return ("interrupted before a checkpoint was written: nothing to resume, nothing written; run the command again"
+            + ("" if cfg.checkpoint_every else " (--checkpoint-every N also keeps one every N steps, for a run "
+                                               "stopped at once)"))
 
 
 @contextlib.contextmanager

@@ -24,6 +24,11 @@ computes in fp16 (a T4, devices.compute_dtype) gets dynamic loss scaling, as tor
     is skipped) and doubles after 2000 clean steps.
 A skipped step is not a bad loss: the loss was finite (NonFiniteLossError is for a loss that is not);
 TrainResult.skipped_steps lists them. bf16 (sm80+) has fp32's range and fp32 needs nothing: no scaling there.
+
+Ctrl-C (SIGINT) while the loop runs in the main thread: the first one lets the current optimizer step
+finish, writes a checkpoint at that step boundary (when the caller gave a checkpoint path, whatever
+cfg.checkpoint_every says) and raises TrainingInterrupted; `resume` continues from that checkpoint bit for
+bit. A second Ctrl-C raises KeyboardInterrupt at once (the last periodic checkpoint, if any, stays).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import contextlib
 import dataclasses
 import math
 from pathlib import Path
+import signal
+import threading
 import time
 
 import numpy as np
@@ -48,6 +55,43 @@ ADAPTER = "difflora"
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, answered at a step boundary: `step` of `steps` optimizer steps done, their
+    state in `checkpoint` (None: the caller gave no checkpoint path, nothing was kept). A KeyboardInterrupt,
+    so whatever catches only Exception (the health report's fallback, temp folders' clean-up) lets it by."""
+
+    def __init__(self, step: int, steps: int, checkpoint: Path | None):
+        super().__init__(f"interrupted after step {step} of {steps}"
+                         + (f"; checkpoint {checkpoint}" if checkpoint is not None else "; no checkpoint kept"))
+        self.step, self.steps, self.checkpoint = step, steps, checkpoint
+
+
+@contextlib.contextmanager
+def stop_at_step_end():
+    """Yield a list that a first Ctrl-C (SIGINT) appends to, for the loop to read after each step; a second
+    Ctrl-C raises KeyboardInterrupt at once, and so does leaving the block with a Ctrl-C the loop did not
+    read (it came after the last step's check: never swallowed). Only where Python's own handler is in
+    place, in the main thread (signal handlers live there); anywhere else Ctrl-C does what it did."""
+    pressed: list[bool] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield pressed
+        return
+
+    def handler(signum, frame):
+        if pressed:  # the second Ctrl-C: now
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:  # left normally, with a Ctrl-C the loop never read
+        raise KeyboardInterrupt
 
 
 @dataclasses.dataclass
@@ -110,7 +154,9 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
 
     With `checkpoint` and cfg.checkpoint_every > 0, the state is written there every that many steps;
     `resume` continues from it when it exists (same result, bit for bit on a CPU).
-    `on_step(step, loss)` is called after each optimizer step (step counts from 1)."""
+    `on_step(step, loss)` is called after each optimizer step (step counts from 1).
+    A first Ctrl-C stops at the end of the current step, with the state written to `checkpoint` (if
+    given): TrainingInterrupted; a second stops at once (KeyboardInterrupt). See the module docstring."""
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # peft's A init
     targets = lora_targets(cfg.targets, backend.default_targets)  # the UNet defaults kept: the family's own (FLUX)
@@ -138,12 +184,13 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
     # error inside reaches block swap's exit, which keeps it the error raised (block_swap.BlockSwap.close)
     swapping = (block_swap.offloaded(backend.unet, cfg.offload_blocks) if cfg.offload_blocks
                 else contextlib.nullcontext())
+    bar = tqdm(range(first, cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})",
+               disable=not progress, initial=first, total=cfg.steps)
     try:
-        with swapping as swapper:
+        with swapping as swapper, stop_at_step_end() as pressed:
             swap_log = None if swapper is None else SwapLog(swapper.names, swapper.sizes)
             seen = [] if swapper is None else [0] * len(swapper.names)
-            for step in tqdm(range(first, cfg.steps), desc=f"LoRA ({meta.get('stage', '?') if meta else '?'})",
-                             disable=not progress, initial=first, total=cfg.steps):
+            for step in bar:
                 noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU: same on any device
                 t = stratified_timesteps(cfg.batch, scheduler.config.num_train_timesteps, generator).to(x0.device)
                 x_t, target = diffusion.noisy_and_target(scheduler, x0, noise, t)
@@ -170,11 +217,14 @@ def train_lora(backend, image: np.ndarray, prompt: str, cfg: TrainConfig, meta: 
                 if on_step is not None:
                     on_step(step + 1, losses[-1])
                 step_seconds.append(time.time() - started - sum(step_seconds))
-                if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
-                        and step + 1 < cfg.steps:
+                periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+                if checkpoint is not None and (periodic or pressed):  # Ctrl-C: the state at this step boundary
                     checkpoints.save(checkpoint, named, optimizer, step + 1, generator, losses, run,
                                      scaler, skipped)
+                if pressed:
+                    raise TrainingInterrupted(step + 1, cfg.steps, checkpoint)
     finally:  # also after an error: the backend may be reused (a notebook, the OOM advice)
+        bar.close()  # the bar's line ended, so what is printed next starts on its own line
         backend.unet.eval()
         if cfg.gradient_checkpointing:
             backend.unet.disable_gradient_checkpointing()

@@ -113,3 +113,32 @@ def test_pair_resume_keeps_a_finished_lora1(tmp_path, capsys):
                                               progress=False)
     assert not written.resumed_after_step1 and written.report is None
     assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == ["lora1.safetensors", "lora2.safetensors"]
+
+
+def test_inspect_dispatches_to_inspect_lora_with_its_exit_code(monkeypatch, tmp_path, capsys, tiny_pair_loras):
+    """`difflora inspect LORA [--base BASE]` returns inspect_lora.run's exit code (as `doctor` does); a LoRA
+    that is missing or not safetensors is refused before that module is even imported."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("difflora_kit.inspect_lora")
+    fake.run = lambda path, base: calls.append((path, base)) or 1  # 1: nothing or only part applies
+    monkeypatch.setitem(sys.modules, "difflora_kit.inspect_lora", fake)
+    path = tmp_path / "l.safetensors"
+    lora.save(path, tiny_pair_loras[0].lora1)
+    assert cli.main(["inspect", str(path), "--base", "sd15"]) == 1 and calls == [(path, "sd15")]
+    assert cli.main(["inspect", str(path)]) == 1 and calls[-1] == (path, None)
+    assert cli.main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err and len(calls) == 2
+
+
+def test_convert_to_diffsynth_calls_save_diffsynth(monkeypatch, tmp_path, capsys, tiny_pair_loras):
+    written = []
+    monkeypatch.setattr(lora, "save_diffsynth", lambda out, the_lora: written.append((out, the_lora.digest())),
+                        raising=False)  # the lead's lora.save_diffsynth: only the dispatch is tested here
+    src, out = tmp_path / "l.safetensors", tmp_path / "ds.safetensors"
+    lora.save(src, tiny_pair_loras[0].lora1)
+    assert cli.main(["convert", str(src), "--to", "diffsynth", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert written == [(out, lora.load(src).digest())]
+    assert "diffsynth keys" in capsys.readouterr().out
