@@ -298,11 +298,31 @@ def cmd_average(args) -> None:
         raise UserError(f"--out {args.out}: LoRA files are written as .safetensors; name it e.g. average.safetensors")
     check_writable(args.out, args.force)
     rank, energy = _rank_energy(args.rank, args.energy, "--rank")
-    members = [lora.load(p) for p in args.loras]
+    members = _average_members(args.loras, args.base)
     result = average.average(members, args.weights, rank, energy, args.compare_naive)
-    lora.save(args.out, result.lora)
+    written = lora.save_files(args.out, result.lora)  # SD 1.x / SDXL: its kohya copy beside it
     print(average.format_report(result))
-    print(f"wrote {args.out}")
+    print("wrote " + " and ".join(map(str, written)))
+
+
+def _average_members(paths, base):
+    """The LoRAs to average: as they are without --base (the kit's and diffusers' keys); with it, any format
+    (kohya, DiffSynth: names resolved against it), each refused unless every module fits the base."""
+    from . import backends, lora, lora_match, pair
+
+    if base is None:
+        return [lora.load(p) for p in paths]
+    base = backends.resolve_base(base, configs_only=True)
+    shapes, members = backends.weight_shapes(base), []
+    for path in paths:
+        member = pair.load_lora(path, base)
+        found = lora_match.match(lora.lora_shapes(member), shapes)
+        if found.left_out:
+            raise lora.LoraMismatchError(f"{path} does not fit {base}: {found.summary()}, e.g. {found.examples()}. "
+                                         f"{found.why}. `difflora inspect {path} --base {base}` lists every module")
+        member.meta.setdefault("family", base.family.key)
+        members.append(member)
+    return members
 
 
 def cmd_pairs(args) -> None:
@@ -377,6 +397,9 @@ def _add_average_parsers(sub, common) -> None:
     p.add_argument("--energy", type=float, default=None, help="with --rank auto: energy kept per layer (default 0.99)")
     p.add_argument("--compare-naive", action="store_true",
                    help="also report the error of averaging A and B separately (the wrong way; equal ranks)")
+    p.add_argument("--base", default=None,
+                   help="the base the LoRAs are for: needed for kohya or DiffSynth-Studio files, and checks that "
+                        "every module of every LoRA fits it (default: none, the kit's and diffusers' files as they are)")
     common(p, base=False)
     p.set_defaults(func=cmd_average)
 

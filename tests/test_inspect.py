@@ -124,3 +124,29 @@ def test_a_file_with_nan_is_broken(loras, tmp_path, capsys):
     save_file({**the_lora.tensors, key: torch.full_like(the_lora.tensors[key], float("nan"))}, str(path))
     code, out = _inspect(capsys, path)
     assert code == 1 and "verdict: BROKEN" in out and "NaN or infinite in 1 tensors" in out
+
+
+def test_average_takes_diffsynth_files_with_base_and_writes_the_kohya_copy_on_sd(bases, loras, tmp_path, capsys):
+    """`difflora average` on a DiffSynth-Studio user's LoRA 2s (names resolved through --base), and on
+    SD 1.5 the kohya copy beside the average; a member that does not fit the base is refused."""
+    flux = loras["flux"]
+    doubled = lora.LoraFile({k: v * 2 if ".lora_B." in k else v for k, v in flux.tensors.items()}, flux.config, flux.meta)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    lora.save_diffsynth(a, flux)
+    lora.save_diffsynth(b, doubled)
+    out = tmp_path / "avg.safetensors"
+    assert cli.main(["average", str(a), str(b), "--out", str(out), "--base", str(bases["flux"])]) == 0, capsys.readouterr().err
+    got, want = lora.module_deltas(lora.load(out)), lora.module_deltas(flux, 1.5)  # (1 + 2) / 2
+    assert sorted(got) == sorted(want) and not lora.kohya_path(out).exists()  # FLUX: one file
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
+    code = cli.main(["average", str(a), str(b), "--out", str(tmp_path / "x.safetensors")])
+    assert code == 2 and "resolved against the base" in capsys.readouterr().err
+    code = cli.main(["average", str(a), "--out", str(tmp_path / "y.safetensors"), "--base", str(bases["zimage"])])
+    assert code == 2 and "made for" in capsys.readouterr().err and not (tmp_path / "y.safetensors").exists()
+
+    c, d = tmp_path / "c.safetensors", tmp_path / "d.safetensors"
+    lora.save(c, loras["sd15"])
+    lora.save(d, loras["sd15"])
+    assert cli.main(["average", str(c), str(d), "--out", str(tmp_path / "sd.safetensors")]) == 0
+    assert "sd.kohya.safetensors" in capsys.readouterr().out and (tmp_path / "sd.kohya.safetensors").is_file()
