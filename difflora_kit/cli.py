@@ -629,6 +629,9 @@ def _check_inputs(args) -> None:
         _train_cfg_from(eight_bit=args.eight_bit, preset_mode=args.preset_mode)
     if args.command == "pairs":
         _rank_energy(args.rank_out, args.energy, "--rank-out")
+        if args.checkpoint_every:  # a flag every TrainConfig field gets; pairs would ignore it, silently
+            raise UserError("pairs writes no checkpoints (--checkpoint-every): a killed run keeps no partial pair. "
+                            "Train long pairs one at a time with `difflora pair ... --checkpoint-every N`")
     if args.command == "average":
         _rank_energy(args.rank, args.energy, "--rank")
     if args.command == "stability":

@@ -154,6 +154,8 @@ def _early_cases(tmp_path):
                                                   "--offload-blocks", "2"], "gradient_checkpointing"),
         ("train: empty prompt", ["train", img1, "--prompt", " ", "--out", new], "prompt is empty"),
         ("pairs: --rank-out 0", ["pairs", DEFAULT_PAIRS, "--out", tmp_path / "m3", "--rank-out", "0"], "--rank-out"),
+        ("pairs: --checkpoint-every (ignored there)", ["pairs", DEFAULT_PAIRS, "--out", tmp_path / "m4",
+                                                       "--checkpoint-every", "5"], "no checkpoints"),
         ("sample: requant without 8-bit", ["sample", "--prompt", prompt, "--out", tmp_path / "g.png",
                                            "--preset-mode", "requant", "--no-eight-bit"], "requant"),
         ("inspect: not safetensors", ["inspect", tmp_path / "l.pt"], "safetensors"),
