@@ -13,6 +13,12 @@ No judge, no sampling loop: a handful of denoiser calls on any base (toy, SD 1.x
     own_change: p = the LoRA's own prompt        other_change: mean over other prompts
     transfer = other_change / own_change         drag: mean over other prompts
 
+    along(p)  = <D(p), D(own)> / |D(own)|^2      D: the change of content-free statistics (descriptor:
+    across(p) = |D(p) - along D(own)| / |D(own)|     per channel mean, spread, fine detail), LoRA on - off
+    leak      = drag - drag toward image 2 rolled by half its size (same statistics, content moved away)
+
+along and leak are measured (and recorded) but do not decide the verdict yet: issue 20 calibrates them.
+
 Why drag: a LoRA trained on image 2 alone (the control) learns image 2's *content* and pulls every
 prompt toward it; a healthy LoRA 2 learned only the difference between image 1 and image 2, so it
 changes other prompts without closing their distance to image 2. The control is the model of a
@@ -185,6 +191,35 @@ def _off_on(backend, lora2: LoraFile, x: torch.Tensor, t: torch.Tensor, states: 
     return torch.cat(offs), torch.cat(ons)
 
 
+def descriptor(x: torch.Tensor) -> torch.Tensor:
+    """(rows, 3C) content-free statistics of x (rows, C, H, W): per channel its mean, its spread and its
+    fine detail (RMS of x minus its 3x3 box blur). Where things are drops out: another prompt's change can
+    be compared with the LoRA's change on its own prompt (a brighter, warmer, sharper image moves them alike)."""
+    x = x.float()
+    mean = x.mean((2, 3))  # (rows, C)
+    spread = x.std((2, 3))  # (rows, C)
+    blur = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    detail = (x - blur).pow(2).mean((2, 3)).sqrt()  # (rows, C)
+    return torch.cat([mean, spread, detail], dim=1)
+
+
+def along_own(change: torch.Tensor, own: torch.Tensor) -> tuple[float, float]:
+    """(along, across) of a prompt's descriptor change `change` (3C,) against the LoRA's change on its own
+    prompt `own` (3C,): along = <change, own> / |own|^2 (1: the same change as on its own prompt, 0: none
+    of it), across = |change - along * own| / |own| (what it changes besides, in the same units)."""
+    norm2 = float(own.pow(2).sum())
+    if norm2 == 0.0:
+        return 0.0, 0.0
+    along = float((change * own).sum()) / norm2
+    return along, float((change - along * own).norm()) / math.sqrt(norm2)
+
+
+def shifted(z: torch.Tensor) -> torch.Tensor:
+    """z (1, C, H, W) rolled by half its size both ways: the same colours and detail, the content moved away
+    (the cheap control target of `drag_control`)."""
+    return torch.roll(z, shifts=(z.shape[-2] // 2, z.shape[-1] // 2), dims=(-2, -1))
+
+
 def _rms(ms: torch.Tensor) -> float:
     """RMS from per-row mean squares (pooled over the rows)."""
     return math.sqrt(float(ms.mean()))
@@ -216,11 +251,26 @@ def measure(backend, lora2: LoraFile, prompt: str, image2: np.ndarray, cfg: Heal
         d_off, d_on = _rms(off_ms[rows]), _rms(on_ms[rows])
         drags.append((d_off - d_on) / d_off if d_off > 0 else 0.0)
     own_change, other_change = changes[0], float(np.mean(changes[1:]))
+    # direction: each prompt's change of content-free statistics, against the change on LoRA 2's own prompt
+    moved = descriptor(on) - descriptor(off)  # (rows, 3C)
+    per_prompt = [moved[prompt_of == p].mean(0) for p in range(P)]  # (3C,) each
+    alongs = [along_own(per_prompt[p], per_prompt[0]) for p in range(1, P)]
+    # leak against a control made from the same probes: the distance closed to image 2, minus the distance
+    # closed to image 2 moved away (same colours and detail): what is left is image 2's content, placed
+    z2s = shifted(z2)
+    ctrl_off, ctrl_on = (off - z2s).pow(2).flatten(1).mean(1), (on - z2s).pow(2).flatten(1).mean(1)
+    controls = []
+    for p in range(1, P):
+        rows = prompt_of == p
+        d_off, d_on = _rms(ctrl_off[rows]), _rms(ctrl_on[rows])
+        controls.append((d_off - d_on) / d_off if d_off > 0 else 0.0)
     T = backend.scheduler.config.num_train_timesteps
     return {
         "own_change": own_change, "other_change": other_change,
         "transfer": other_change / own_change if own_change > 0 else 0.0,
         "drag": float(np.mean(drags[1:])), "own_drag": drags[0],
+        "along": float(np.mean([a for a, _ in alongs])), "across": float(np.mean([c for _, c in alongs])),
+        "drag_control": float(np.mean(controls)), "leak": float(np.mean(drags[1:])) - float(np.mean(controls)),
         "other_changes": changes[1:], "other_drags": drags[1:],
         "prompt": prompt, "other_prompts": others, "seeds": S, "levels": list(cfg.levels),
         "timesteps": [min(T - 1, int(round(f * T))) for f in cfg.levels], "scale": scale,

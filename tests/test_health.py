@@ -15,7 +15,7 @@ from difflora_kit.images import load_image
 from difflora_kit.pair import prepare_base, train_pair, train_stage
 from difflora_kit.toy.pairs import read_pairs
 
-FIGURES = ("own_change", "other_change", "transfer", "drag", "own_drag")
+FIGURES = ("own_change", "other_change", "transfer", "drag", "own_drag", "along", "across", "drag_control", "leak")
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample", "flow", "flow_dynamic"])
@@ -195,3 +195,22 @@ def test_the_report_runs_on_the_tiny_real_families(family, tmp_path, capsys):
     assert all(math.isfinite(rep[k]) for k in FIGURES) and rep["other_change"] > 0
     assert rep["other_prompts"] == list(health.GENERIC_PROMPTS)
     assert lora.load(out / "lora2.safetensors").meta["health_verdict"] == rep["verdict"]
+
+
+def test_along_own_measures_the_share_of_the_own_change_and_what_else_moves():
+    own = torch.tensor([1.0, 2.0, 0.0])
+    assert health.along_own(2 * own, own) == pytest.approx((2.0, 0.0))
+    along, across = health.along_own(torch.tensor([0.0, 0.0, 3.0]), own)  # moved, but none of it along
+    assert along == 0.0 and across == pytest.approx(3.0 / own.norm().item())
+    assert health.along_own(own, torch.zeros(3)) == (0.0, 0.0)
+
+
+def test_the_descriptor_ignores_where_things_are_and_the_control_target_keeps_the_statistics():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    moved = torch.roll(x, shifts=(5, 3), dims=(-2, -1))
+    C = x.shape[1]
+    torch.testing.assert_close(health.descriptor(moved)[:, : 2 * C], health.descriptor(x)[:, : 2 * C])  # mean, spread
+    z = torch.rand(1, 3, 16, 16)
+    z2 = health.shifted(z)
+    assert not torch.equal(z2, z) and torch.equal(z2.flatten().sort().values, z.flatten().sort().values)  # same values, moved
