@@ -308,7 +308,7 @@ def cmd_average(args) -> None:
 def _average_members(paths, base):
     """The LoRAs to average: as they are without --base (the kit's and diffusers' keys); with it, any format
     (kohya, DiffSynth: names resolved against it), each refused unless every module fits the base."""
-    from . import backends, lora, lora_match, pair
+    from . import backends, lora, pair
 
     if base is None:
         return [lora.load(p) for p in paths]
@@ -316,10 +316,10 @@ def _average_members(paths, base):
     shapes, members = backends.weight_shapes(base), []
     for path in paths:
         member = pair.load_lora(path, base)
-        found = lora_match.match(lora.lora_shapes(member), shapes)
-        if found.left_out:
-            raise lora.LoraMismatchError(f"{path} does not fit {base}: {found.summary()}, e.g. {found.examples()}. "
-                                         f"{found.why}. `difflora inspect {path} --base {base}` lists every module")
+        try:
+            lora.check_shapes(member, shapes)
+        except lora.LoraMismatchError as e:
+            raise lora.LoraMismatchError(f"{path}: {e}") from None
         member.meta.setdefault("family", base.family.key)
         members.append(member)
     return members

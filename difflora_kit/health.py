@@ -250,7 +250,7 @@ def measure(backend, lora2: LoraFile, prompt: str, image2: np.ndarray, cfg: Heal
         changes.append(_rms(change_ms[rows]) / scale)
         d_off, d_on = _rms(off_ms[rows]), _rms(on_ms[rows])
         drags.append((d_off - d_on) / d_off if d_off > 0 else 0.0)
-    own_change, other_change = changes[0], float(np.mean(changes[1:]))
+    own_change, other_change, drag = changes[0], float(np.mean(changes[1:])), float(np.mean(drags[1:]))
     # direction: each prompt's change of content-free statistics, against the change on LoRA 2's own prompt
     moved = descriptor(on) - descriptor(off)  # (rows, 3C)
     per_prompt = [moved[prompt_of == p].mean(0) for p in range(P)]  # (3C,) each
@@ -268,9 +268,9 @@ def measure(backend, lora2: LoraFile, prompt: str, image2: np.ndarray, cfg: Heal
     return {
         "own_change": own_change, "other_change": other_change,
         "transfer": other_change / own_change if own_change > 0 else 0.0,
-        "drag": float(np.mean(drags[1:])), "own_drag": drags[0],
+        "drag": drag, "own_drag": drags[0],
         "along": float(np.mean([a for a, _ in alongs])), "across": float(np.mean([c for _, c in alongs])),
-        "drag_control": float(np.mean(controls)), "leak": float(np.mean(drags[1:])) - float(np.mean(controls)),
+        "drag_control": float(np.mean(controls)), "leak": drag - float(np.mean(controls)),
         "other_changes": changes[1:], "other_drags": drags[1:],
         "prompt": prompt, "other_prompts": others, "seeds": S, "levels": list(cfg.levels),
         "timesteps": [min(T - 1, int(round(f * T))) for f in cfg.levels], "scale": scale,

@@ -33,6 +33,7 @@ class FileFacts:
 
     path: Path
     size: int
+    tensors: dict[str, torch.Tensor]
     keys: dict[str, tuple[int, ...]]
     header: dict[str, str]
     scalars: dict[str, float]
@@ -61,7 +62,7 @@ def file_family(fmt: lora_formats.Format, keys: dict[str, tuple[int, ...]], head
     elif fmt.key in ("kohya", "kohya-ldm"):
         kind = lora_match.FLUX_DIT if any("double_blocks" in k or "single_blocks" in k for k in keys) else lora_match.UNET
     else:
-        bare = [n.split(".", 1)[1] if n.startswith(("unet.", "transformer.", "diffusion_model.")) else
+        bare = [n.split(".", 1)[1] if n.startswith((*lora_formats.DIFFUSERS_PREFIXES, "diffusion_model.")) else
                 n.removeprefix("base_model.model.") for n in names]
         kind = lora_match.architecture_of(bare) or (lora_match.FLUX_DIT if kohya.is_flux(bare) else None)
     if kind == lora_match.UNET:
@@ -84,7 +85,7 @@ def read_facts(path: Path) -> FileFacts:
     fmt = lora_formats.detect(keys, header)
     non_finite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
     kit_meta = {k[len("difflora."):]: v for k, v in header.items() if k.startswith("difflora.")}
-    return FileFacts(path, path.stat().st_size, keys, header, scalars, fmt, file_family(fmt, keys, header),
+    return FileFacts(path, path.stat().st_size, tensors, keys, header, scalars, fmt, file_family(fmt, keys, header),
                      loader_rules.file_modules(keys, header, scalars), non_finite, kit_meta)
 
 
@@ -132,8 +133,7 @@ def against_base(facts: FileFacts, base) -> Against:
     resolved = backends.resolve_base(base, configs_only=True)
     names, shapes = backends.module_names(resolved), backends.weight_shapes(resolved)
     try:
-        tensors, header = lora.read_file(facts.path)
-        the_lora = lora.from_tensors(tensors, header, module_names=lambda: names)
+        the_lora = lora.from_tensors(facts.tensors, facts.header, module_names=lambda: names)
         found, error = lora_match.match(lora.lora_shapes(the_lora), shapes), ""
     except (lora.LoraMismatchError, ValueError) as e:
         found, error = None, str(e)

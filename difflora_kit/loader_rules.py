@@ -29,12 +29,13 @@ from collections.abc import Iterable
 
 from . import diffsynth as diffsynth_format
 from . import kohya, lora_formats
+from .backends import registry
 
 KIT, DIFFUSERS_PIPE, DIFFUSERS_ADAPTER = "difflora-kit", "diffusers load_lora_weights", "diffusers load_lora_adapter(path)"
 COMFYUI, A1111, DIFFSYNTH = "ComfyUI", "AUTOMATIC1111", "DiffSynth-Studio"
 LOADERS = (KIT, DIFFUSERS_PIPE, DIFFUSERS_ADAPTER, COMFYUI, A1111, DIFFSYNTH)
-UNET_FAMILIES = ("difflora-toy", "sd15", "sdxl")
-PREFIX = {"difflora-toy": "unet", "sd15": "unet", "sdxl": "unet", "flux": "transformer", "zimage": "transformer"}
+PREFIX = {row.key: row.lora_prefix for row in registry.FAMILIES}  # the key prefix of each family's diffusers file
+UNET_FAMILIES = tuple(key for key, prefix in PREFIX.items() if prefix == "unet")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' / the kit's peft config in the header
 # LoRA suffix pairs (A, B) a file may use; the stem is the key without it
 SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_A.default.weight", ".lora_B.default.weight"),
@@ -120,7 +121,7 @@ def peft_scale(config: dict, name: str, rank: int) -> float:
 def split_prefix(stem: str) -> tuple[str, str]:
     """("unet", "down_blocks.0...") of a peft stem with a denoiser prefix; ("", stem) without one."""
     head, _, rest = stem.partition(".")
-    return (head, rest) if head in ("unet", "transformer") and rest else ("", stem)
+    return (head, rest) if head in PREFIX.values() and rest else ("", stem)
 
 
 def intended_scales(mods: dict[str, FileModule], header: dict[str, str], scalars: dict[str, float]) -> dict[str, float]:

@@ -393,10 +393,11 @@ def weight_shapes(unet: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_fits(unet: nn.Module, lora: LoraFile) -> dict[str, nn.Module]:
-    """{name: module} for every LoRA module; a LoraMismatchError when any module does not fit (none or only
-    some: a LoRA applied in part has part of its effect, silently), saying how many, which and why."""
-    found = lora_match.match(lora_shapes(lora), weight_shapes(unet))
+def check_shapes(lora: LoraFile, shapes: dict[str, tuple[int, ...]]) -> lora_match.Match:
+    """The match of a LoRA against a denoiser's {module: weight shape} (weight_shapes, or
+    backends.weight_shapes from the config alone); a LoraMismatchError when any module does not fit (none or
+    only some: a LoRA applied in part has part of its effect, silently), saying how many, which and why."""
+    found = lora_match.match(lora_shapes(lora), shapes)
     if found.left_out:
         made_for = f" (its metadata says base={lora.meta['base']!r})" if lora.meta.get("base") else ""
         raise LoraMismatchError(
@@ -404,6 +405,12 @@ def check_fits(unet: nn.Module, lora: LoraFile) -> dict[str, nn.Module]:
             f"{found.why[0].upper() + found.why[1:]}. "
             f"Nothing was applied (in part it would do part of its job, silently). Use the base it was made for"
             f"{made_for}; `difflora inspect LORA --base BASE` lists every module")
+    return found
+
+
+def check_fits(unet: nn.Module, lora: LoraFile) -> dict[str, nn.Module]:
+    """{name: module} for every LoRA module; check_shapes' LoraMismatchError when any does not fit."""
+    found = check_shapes(lora, weight_shapes(unet))
     modules = dict(unet.named_modules())
     return {n: modules[n] for n in found.matched}
 

@@ -22,6 +22,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from . import diffsynth
+from .backends import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ LABELS = {
     "unknown": "not a LoRA format the kit knows",
 }
 LDM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-DIFFUSERS_PREFIXES = ("unet.", "transformer.")
+DIFFUSERS_PREFIXES = tuple(dict.fromkeys(f"{row.lora_prefix}." for row in registry.FAMILIES))  # "unet.", "transformer."
 
 
 def _format(key: str, prefix: str = "") -> Format:
